@@ -1,0 +1,94 @@
+"""The `cap-dist` command.
+
+    cap-dist layers ../shared/models/vit4mnist
+    cap-dist solve --weight layer.safetensors --hessian layer.safetensors --method cap --sparsity 0.5 \
+                   --block-size 128 --out pruned.safetensors
+
+`solve` prunes one layer whose weight and input Hessian (or Fisher blocks) were saved as safetensors
+(keys ``weight`` and ``hessian`` unless told otherwise) and writes the pruned weight and its mask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from cap_dist import __version__
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from cap_dist.models import find_prunable_layers, flattened_weight, load_model_dir
+
+    model, spec = load_model_dir(args.model)
+    layers = find_prunable_layers(model, args.targets or None, args.ignore or None)
+    width = max(len(n) for n in layers)
+    for name, module in layers.items():
+        w = flattened_weight(module)
+        print(f"{name:<{width}}  {type(module).__name__:<7} [{w.shape[0]} × {w.shape[1]}]")
+    print(f"{len(layers)} prunable layers, {sum(flattened_weight(m).numel() for m in layers.values()):,} weights")
+    return 0
+
+
+def _cmd_solve(args: argparse.Namespace) -> int:
+    from cap_dist.solvers import prune_layer
+    from cap_dist.storage import load_tensors, save_tensors
+
+    weights = load_tensors(args.weight)
+    hessians = weights if args.hessian == args.weight else load_tensors(args.hessian)
+    for source, tensors, key in ((args.weight, weights, args.weight_key), (args.hessian, hessians, args.hessian_key)):
+        if key not in tensors:
+            raise ValueError(f"{source} has no tensor {key!r} (it has: {', '.join(sorted(tensors)) or 'none'})")
+    weight, hessian = weights[args.weight_key], hessians[args.hessian_key]
+    shape = weight.shape
+    w2d = weight.reshape(shape[0], -1)
+    res = prune_layer(w2d, hessian.to(w2d.device), method=args.method, sparsity=args.sparsity,
+                      pattern=args.pattern, block_size=args.block_size, damp=args.damp)
+    save_tensors(args.out, {"weight": res.weight.reshape(shape), "mask": res.mask.reshape(shape)},
+                 metadata={"method": args.method, "pattern": args.pattern, "sparsity": f"{res.sparsity:.6f}"})
+    summary = dict(out=args.out, sparsity=res.sparsity, relative_error=res.relative_error, loss=res.loss,
+                   seconds=res.info["seconds"], damp_used=res.info.get("damp_used"))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cap-dist", description="Correlation-Aware Pruning of vision models.")
+    parser.add_argument("--version", action="version", version=f"cap-dist {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    layers = sub.add_parser("layers", help="list a model's prunable layers")
+    layers.add_argument("model", help="folder or URI with model.json + model.safetensors")
+    layers.add_argument("--targets", nargs="*", help="fnmatch patterns of layers to prune")
+    layers.add_argument("--ignore", nargs="*", help="fnmatch patterns of layers to keep dense")
+    layers.set_defaults(func=_cmd_layers)
+
+    solve = sub.add_parser("solve", help="prune one layer from a saved weight and Hessian")
+    solve.add_argument("--weight", required=True, help="safetensors path or URI holding the weight")
+    solve.add_argument("--hessian", required=True, help="safetensors path or URI holding H [in, in] or Fisher blocks")
+    solve.add_argument("--weight-key", default="weight")
+    solve.add_argument("--hessian-key", default="hessian")
+    solve.add_argument("--method", default="cap", choices=["cap", "sparsegpt", "obs", "wanda", "magnitude"])
+    solve.add_argument("--sparsity", type=float, default=0.5)
+    solve.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4")
+    solve.add_argument("--block-size", type=int, default=None, help="cap: columns per block (default: whole rows)")
+    solve.add_argument("--damp", type=float, default=0.01, help="relative damping")
+    solve.add_argument("--out", required=True, help="where to write the pruned weight and mask (safetensors)")
+    solve.set_defaults(func=_cmd_solve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        print(f"cap-dist {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,184 @@
+"""The inner loop of CAP: exact greedy OBS elimination on small blocks, batched over rows.
+
+For one row w (length B) and an inverse Hessian H⁻¹ (B×B), every step removes the weight
+    p = argmin_i  w_i² / [H⁻¹]_ii                      (OBS saliency)
+with loss  ½ w_p² / [H⁻¹]_pp, applies the exact OBS update to all remaining weights
+    w ← w − (w_p / [H⁻¹]_pp) · H⁻¹[:, p]
+and downdates the inverse (eliminating row/column p):
+    H⁻¹ ← H⁻¹ − H⁻¹[:, p] H⁻¹[p, :] / [H⁻¹]_pp.
+Correlations between removed weights are therefore accounted for at every step, unlike
+one-shot saliency (WoodFisher/oBERT), which scores every weight against the dense H⁻¹.
+
+Two interchangeable kernels:
+* :func:`greedy_numba` (CPU): one row per thread; the downdated inverse is kept implicitly as
+  H⁻¹ − Σ_t c_t c_tᵀ (c_t = the column removed at step t, scaled by 1/√d_t), so a step costs
+  O(t·B) instead of O(B²) and the working set (depth × B) stays in cache.
+* :func:`greedy_torch` (any device, the CUDA path): the plain batched downdate of [R, B, B].
+
+Both return the removal order and per-step losses; with ``forced`` they replay a recorded order
+to a per-row depth (CAP chooses the depth of every row only after all rows have been searched)
+and return the final weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+
+
+@numba.njit(parallel=True, cache=True)
+def _greedy_kernel(weights, hinv, which, depth, group, group_prune, order, step_loss, counts, forced, out):
+    rows, width = weights.shape
+    for r in numba.prange(rows):
+        h = hinv[which[r]]
+        w = weights[r].copy()
+        diag = np.empty(width, dtype=weights.dtype)
+        for i in range(width):
+            diag[i] = h[i, i]
+        removed = np.zeros((depth, width), dtype=weights.dtype)   # c_t / sqrt(d_t)
+        alive = np.ones(width, dtype=np.bool_)
+        n_groups = width // group if group > 0 else 1
+        budget = np.full(n_groups, group_prune, dtype=np.int64)
+        steps = counts[r] if forced else depth
+        c = np.empty(width, dtype=weights.dtype)
+        for t in range(steps):
+            if forced:
+                p = order[r, t]
+            else:
+                best = np.inf
+                p = -1
+                for i in range(width):
+                    if alive[i] and (group == 0 or budget[i // group] > 0):
+                        score = w[i] * w[i] / diag[i]
+                        if score < best or p < 0:
+                            best = score
+                            p = i
+                order[r, t] = p
+            # column p of the downdated inverse: H⁻¹[:, p] − Σ_s removed_s · removed_s[p]
+            for i in range(width):
+                c[i] = h[p, i]
+            for s in range(t):
+                f = removed[s, p]
+                if f != 0.0:
+                    for i in range(width):
+                        c[i] -= f * removed[s, i]
+            d = c[p]
+            coef = w[p] / d
+            if not forced:
+                step_loss[r, t] = 0.5 * w[p] * coef
+            scale = 1.0 / math.sqrt(d)
+            for i in range(width):
+                w[i] -= coef * c[i]
+                removed[t, i] = c[i] * scale
+                diag[i] -= c[i] * c[i] / d
+            w[p] = 0.0
+            alive[p] = False
+            if group > 0:
+                budget[p // group] -= 1
+        if forced:
+            for i in range(width):
+                out[r, i] = w[i]
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+def greedy_numba(weights: torch.Tensor, hinv: torch.Tensor, which: torch.Tensor, depth: int,
+                 group: int = 0, group_prune: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy OBS search of every row to ``depth`` removals (CPU, compiled).
+
+    Args:
+        weights: ``[R, B]`` rows to search.
+        hinv: ``[S, B, B]`` inverse Hessians; row r uses ``hinv[which[r]]``.
+        which: ``[R]`` index into ``hinv``.
+        depth: removals per row.
+        group, group_prune: N:M — at most ``group_prune`` removals in every ``group`` consecutive
+            weights (``group=0``: unstructured).
+
+    Returns:
+        order ``[R, depth]`` (int64) and step losses ``[R, depth]``.
+    """
+    w = _as_numpy(weights)
+    rows = w.shape[0]
+    order = np.zeros((rows, depth), dtype=np.int64)
+    step = np.zeros((rows, depth), dtype=w.dtype)
+    counts = np.zeros(rows, dtype=np.int64)
+    _greedy_kernel(w, _as_numpy(hinv.to(weights.dtype)), _as_numpy(which.long()), depth, group, group_prune,
+                   order, step, counts, False, np.empty((1, 1), dtype=w.dtype))
+    return torch.from_numpy(order), torch.from_numpy(step)
+
+
+def replay_numba(weights: torch.Tensor, hinv: torch.Tensor, which: torch.Tensor, order: torch.Tensor,
+                 counts: torch.Tensor) -> torch.Tensor:
+    """Final weights after removing the first ``counts[r]`` weights of ``order[r]`` (exact OBS updates)."""
+    w = _as_numpy(weights)
+    out = np.empty_like(w)
+    _greedy_kernel(w, _as_numpy(hinv.to(weights.dtype)), _as_numpy(which.long()), order.shape[1], 0, 0,
+                   _as_numpy(order.long()), np.empty((1, 1), dtype=w.dtype), _as_numpy(counts.long()), True, out)
+    return torch.from_numpy(out)
+
+
+def _torch_steps(weights: torch.Tensor, hinv: torch.Tensor, which: torch.Tensor, depth: int, group: int,
+                 group_prune: int, order: torch.Tensor | None, counts: torch.Tensor | None):
+    rows, width = weights.shape
+    h = hinv[which].clone()                                   # [R, B, B]
+    w = weights.clone()                                       # [R, B]
+    alive = torch.ones_like(w, dtype=torch.bool)
+    idx = torch.arange(rows, device=w.device)
+    forced = order is not None
+    out_order = torch.zeros(rows, depth, dtype=torch.long, device=w.device)
+    out_loss = torch.zeros(rows, depth, dtype=w.dtype, device=w.device)
+    budget = (torch.full((rows, width // group), group_prune, device=w.device, dtype=torch.long)
+              if group else None)
+    for t in range(depth):
+        diag = torch.diagonal(h, dim1=1, dim2=2)
+        if forced:
+            p = order[:, t]
+            active = t < counts
+        else:
+            allowed = alive if budget is None else alive & (budget.repeat_interleave(group, dim=1) > 0)
+            score = torch.where(allowed, w * w / torch.where(allowed, diag, torch.ones_like(diag)),
+                                torch.full_like(w, math.inf))
+            p = torch.argmin(score, dim=1)
+            active = torch.ones(rows, dtype=torch.bool, device=w.device)
+        d = diag[idx, p]
+        d = torch.where(active, d, torch.ones_like(d))
+        c = h[idx, :, p] * active.unsqueeze(1)                # [R, B]
+        wp = w[idx, p]
+        coef = torch.where(active, wp / d, torch.zeros_like(d))
+        out_order[:, t] = p
+        out_loss[:, t] = 0.5 * wp * coef
+        w -= coef.unsqueeze(1) * c
+        h -= c.unsqueeze(2) * (c / d.unsqueeze(1)).unsqueeze(1)
+        w[idx[active], p[active]] = 0.0
+        alive[idx[active], p[active]] = False
+        if budget is not None:
+            budget[idx, p // group] -= active.long()
+    return out_order, out_loss, w
+
+
+def _row_chunks(rows: int, width: int, itemsize: int, budget_bytes: int = 256 << 20) -> int:
+    return max(1, min(rows, budget_bytes // max(1, width * width * itemsize)))
+
+
+def greedy_torch(weights: torch.Tensor, hinv: torch.Tensor, which: torch.Tensor, depth: int,
+                 group: int = 0, group_prune: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`greedy_numba`, batched in torch (rows chunked to bound memory)."""
+    chunk = _row_chunks(*weights.shape, weights.element_size())
+    parts = [_torch_steps(weights[i:i + chunk], hinv, which[i:i + chunk], depth, group, group_prune, None, None)
+             for i in range(0, weights.shape[0], chunk)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def replay_torch(weights: torch.Tensor, hinv: torch.Tensor, which: torch.Tensor, order: torch.Tensor,
+                 counts: torch.Tensor) -> torch.Tensor:
+    """Same contract as :func:`replay_numba`, batched in torch."""
+    chunk = _row_chunks(*weights.shape, weights.element_size())
+    depth = int(counts.max()) if counts.numel() else 0
+    return torch.cat([_torch_steps(weights[i:i + chunk], hinv, which[i:i + chunk], depth, 0, 0,
+                                   order[i:i + chunk], counts[i:i + chunk])[2]
+                      for i in range(0, weights.shape[0], chunk)])

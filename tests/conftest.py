@@ -1,0 +1,38 @@
+"""Test-run settings: everything stays on 127.0.0.1.
+
+Ray 2.60 and the S3 clients reach beyond the machine by default (usage reports, cloud-metadata
+probes, token auth, the external interface); these settings, measured on this kind of machine,
+stop that.  They are set before any test imports Ray or an S3 client.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+LOCAL_ONLY = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+for key, value in LOCAL_ONLY.items():
+    os.environ[key] = value
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The read-only shared data folder beside the checkout; tests that need it skip without it."""
+    if not SHARED.is_dir():
+        pytest.skip(f"needs the shared models and data at {SHARED} (absent in a fresh clone)")
+    return SHARED
