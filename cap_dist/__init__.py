@@ -1,10 +1,27 @@
 """cap-dist: Correlation-Aware Pruning (CAP) of large vision models, distributed on Ray.
 
-The layer solvers live in :mod:`cap_dist.solvers` (pure torch); :func:`prune_layer` is the stable
-entry point.  Models, data and the pipeline build on them.
+The layer solvers live in :mod:`cap_dist.solvers` (pure torch); :func:`prune_layer` is their stable
+entry point.  :func:`prune` runs a whole recipe; :func:`load_sparse` rebuilds its output.
 """
+
+from __future__ import annotations
+
+from typing import Any
 
 from cap_dist.solvers import LayerResult, prune_layer
 
 __version__ = "0.1.0"
-__all__ = ["LayerResult", "__version__", "prune_layer"]
+__all__ = ["LayerResult", "__version__", "load_sparse", "prune", "prune_layer"]
+
+
+def __getattr__(name: str) -> Any:
+    # The pipeline pulls in timm, pyarrow and the data readers: import it only when asked for.
+    if name == "prune":
+        from cap_dist.pipeline import prune
+
+        return prune
+    if name == "load_sparse":
+        from cap_dist.output import load_sparse
+
+        return load_sparse
+    raise AttributeError(f"module 'cap_dist' has no attribute {name!r}")

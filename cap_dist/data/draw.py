@@ -1,0 +1,57 @@
+"""Draw a recipe's images: open the source, take the subset, sample N with the seed, batch them.
+
+The same recipe gives the same images, in the same order, on every machine and every worker.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from cap_dist.data import sample_indices
+
+Batch = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def draw_batches(cfg: Any, input_spec: dict[str, Any], purpose: str = "calibration") -> list[Batch]:
+    """Preprocessed ``(x, y)`` batches for a :class:`cap_dist.config.DataConfig` (y is None without labels)."""
+    from cap_dist.data.sources import open_image_dataset
+
+    dataset = open_image_dataset(cfg.uri, input_spec)
+    total = len(dataset)
+    start, stop = cfg.subset if cfg.subset is not None else (0, total)
+    if not 0 <= start < stop <= total:
+        raise ValueError(f"{purpose}.subset=[{start}, {stop}) is outside the {total} items of {cfg.uri}")
+    available = stop - start
+    wanted = cfg.samples if cfg.samples is not None else available
+    if wanted > available:
+        raise ValueError(f"{purpose}.samples={wanted} but {cfg.uri} has only {available} items in the subset "
+                         f"[{start}, {stop}); lower {purpose}.samples or widen the subset")
+    indices = [start + i for i in sample_indices(available, wanted, cfg.seed)]
+    xs: list[torch.Tensor] = []
+    ys: list[int | None] = []
+    skipped: list[str] = []
+    for i in indices:
+        try:
+            x, y = dataset[i]
+        except ValueError as err:  # undecodable image: the readers raise ValueError subclasses naming the file
+            if cfg.on_bad_image == "error":
+                raise ValueError(f"{purpose}: {err} (set {purpose}.on_bad_image=skip to skip such images)") from None
+            skipped.append(str(err))
+            continue
+        xs.append(x)
+        ys.append(None if y is None else int(y))
+    if skipped:
+        warnings.warn(f"{purpose}: skipped {len(skipped)} image(s) that failed to decode, first: {skipped[0]}",
+                      RuntimeWarning, stacklevel=2)
+    if not xs:
+        raise ValueError(f"{purpose}: no usable images in {cfg.uri}")
+    labelled = all(y is not None for y in ys)
+    batches: list[Batch] = []
+    for b in range(0, len(xs), cfg.batch_size):
+        x = torch.stack(xs[b:b + cfg.batch_size])
+        y = torch.tensor(ys[b:b + cfg.batch_size]) if labelled else None
+        batches.append((x, y))
+    return batches

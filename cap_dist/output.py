@@ -1,0 +1,118 @@
+"""The pruning output: ``model.safetensors`` (sparse weights), ``report.parquet`` (per-layer rows) and
+``sparsity.json`` (per-layer rows, the recipe and its hash, timings, and the sha256 of every file).
+
+``sparsity.json`` is written last: it is the commit record.  A folder without it, or whose files do not
+match its checksums, is not a finished output; :func:`load_sparse` says which file is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+from torch import nn
+
+from cap_dist import __version__
+from cap_dist.config import recipe_from_dict
+from cap_dist.models.loading import build_skeleton, state_dict_for_save
+from cap_dist.storage import atomic_write_bytes, read_bytes
+
+MANIFEST = "sparsity.json"
+WEIGHTS = "model.safetensors"
+REPORT = "report.parquet"
+
+
+class CorruptOutputError(ValueError):
+    """An output folder whose files are missing or do not match the manifest's checksums."""
+
+
+def _join(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_pruned(report: Any) -> dict[str, Any]:
+    """Write a :class:`cap_dist.pipeline.PruneReport` to ``report.recipe.output``; returns the manifest."""
+    root = report.recipe.output
+    rows = [dataclasses.asdict(r) for r in report.layers]
+    weights = safetensors_save(state_dict_for_save(report.model), {"format": "pt", "cap_dist": __version__})
+    table = pa.Table.from_pylist(rows) if rows else pa.table({"layer": pa.array([], pa.string())})
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    files = {WEIGHTS: weights, REPORT: sink.getvalue()}
+    for name, data in files.items():
+        atomic_write_bytes(_join(root, name), data)
+    manifest = {
+        "cap_dist_version": __version__,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "recipe": report.recipe.model_dump(mode="json"),
+        "recipe_hash": report.recipe.hash,
+        "input": report.input_spec,
+        "sparsity": report.sparsity,
+        "timings": report.timings,
+        "layers": rows,
+        "files": {name: _sha256(data) for name, data in files.items()},
+    }
+    atomic_write_bytes(_join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def read_manifest(uri: str) -> dict[str, Any]:
+    try:
+        raw = read_bytes(_join(uri, MANIFEST))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri} holds no finished pruning output: {MANIFEST} is missing "
+                                "(the run did not complete, or this is not an output folder)") from None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise CorruptOutputError(f"{_join(uri, MANIFEST)} is not valid JSON: {err}") from None
+
+
+def read_verified(uri: str, name: str, manifest: dict[str, Any]) -> bytes:
+    """A file of the output, checked against the manifest's sha256."""
+    try:
+        data = read_bytes(_join(uri, name))
+    except FileNotFoundError:
+        raise CorruptOutputError(f"{_join(uri, name)} is missing but listed in {MANIFEST}") from None
+    expected = manifest.get("files", {}).get(name)
+    if expected is not None and _sha256(data) != expected:
+        raise CorruptOutputError(f"{_join(uri, name)} is corrupt: its sha256 does not match {MANIFEST}")
+    return data
+
+
+def load_sparse(uri: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a pruned model from an output folder or URI.
+
+    Returns:
+        (model in eval mode with the sparse weights, the manifest).
+    """
+    manifest = read_manifest(uri)
+    recipe = recipe_from_dict(manifest["recipe"], _join(uri, MANIFEST))
+    model = build_skeleton(recipe.model.source, recipe.model.create_kwargs)
+    state = safetensors_load(read_verified(uri, WEIGHTS, manifest))
+    model.load_state_dict({k: v for k, v in state.items()}, strict=True)
+    return model.eval(), manifest
+
+
+def read_report(uri: str) -> list[dict[str, Any]]:
+    manifest = read_manifest(uri)
+    return pq.read_table(io.BytesIO(read_verified(uri, REPORT, manifest))).to_pylist()
+
+
+def sparsity_of(model: nn.Module, names: list[str]) -> dict[str, float]:
+    modules = dict(model.named_modules())
+    return {n: float((modules[n].weight == 0).float().mean()) for n in names}
+
+

@@ -1,0 +1,136 @@
+"""The single-process pipeline end to end on tiny real timm models and real image files written here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from cap_dist.config import RecipeError, load_recipe, recipe_from_dict
+from cap_dist.output import CorruptOutputError, load_sparse, read_report
+from cap_dist.pipeline import prune
+
+VIT_KWARGS = {"img_size": 32, "patch_size": 8, "num_classes": 4, "embed_dim": 32, "depth": 2, "num_heads": 2,
+              "mlp_ratio": 2.0}
+INPUT = {"size": 32, "resize_short_side": 32, "center_crop": 32, "interpolation": "bilinear",
+         "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pipeline")
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(**VIT_KWARGS)
+    (root / "vit").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "vit" / "model.safetensors")
+    (root / "vit" / "model.json").write_text(json.dumps(
+        {"architecture": "timm:VisionTransformer", "create_kwargs": VIT_KWARGS, "input": INPUT}))
+    rng = np.random.default_rng(0)
+    for label in range(4):
+        folder = root / "images" / f"class{label}"
+        folder.mkdir(parents=True)
+        for i in range(12):
+            pixels = (rng.random((40, 40, 3)) * 60 + label * 60).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def recipe_tree(workdir: Path, **prune_cfg) -> dict:
+    return {"model": {"source": str(workdir / "vit")},
+            "calibration": {"uri": str(workdir / "images"), "samples": 32, "batch_size": 8},
+            "prune": {"method": "cap", "sparsity": 0.5, "block_size": 16, **prune_cfg},
+            "output": str(workdir / "out" / "-".join(f"{k}{v}" for k, v in prune_cfg.items())), "device": "cpu"}
+
+
+@pytest.mark.parametrize("mode", ["sequential", "independent"])
+def test_prune_writes_a_loadable_sparse_model(workdir: Path, mode: str) -> None:
+    recipe = recipe_from_dict(recipe_tree(workdir, mode=mode))
+    report = prune(recipe)
+    assert len(report.layers) == 8                                  # qkv, proj, fc1, fc2 × 2 blocks
+    assert all(r.sparsity == 0.5 for r in report.layers)
+    model, manifest = load_sparse(recipe.output)
+    assert manifest["recipe_hash"] == recipe.hash
+    for name, tensor in report.model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor)
+    assert float((model.blocks[1].mlp.fc2.weight == 0).float().mean()) == 0.5
+    rows = read_report(recipe.output)
+    assert [r["layer"] for r in rows] == [r.layer for r in report.layers]
+
+
+def test_sequential_and_independent_differ_only_after_the_first_block(workdir: Path) -> None:
+    seq = prune(recipe_from_dict(recipe_tree(workdir, mode="sequential")), write=False)
+    ind = prune(recipe_from_dict(recipe_tree(workdir, mode="independent")), write=False)
+    first = [n for n in seq.model.state_dict() if n.startswith("blocks.0.attn.qkv")]
+    for name in first:                                             # block 0 sees the same dense inputs
+        torch.testing.assert_close(seq.model.state_dict()[name], ind.model.state_dict()[name])
+    assert not torch.equal(seq.model.blocks[1].mlp.fc2.weight, ind.model.blocks[1].mlp.fc2.weight)
+
+
+def test_global_allocation_hits_the_target_with_different_layers(workdir: Path) -> None:
+    report = prune(recipe_from_dict(recipe_tree(workdir, allocation="global", sparsity=0.6)), write=False)
+    assert report.sparsity == pytest.approx(0.6, abs=2e-3)
+    assert len({round(r.sparsity, 3) for r in report.layers}) > 1
+
+
+def test_fisher_curvature_from_labels(workdir: Path) -> None:
+    report = prune(recipe_from_dict(recipe_tree(workdir, curvature="fisher", fisher_block_size=16,
+                                                mode="independent")), write=False)
+    assert report.sparsity == pytest.approx(0.5, abs=1e-6)
+
+
+def test_two_four_pattern(workdir: Path) -> None:
+    report = prune(recipe_from_dict(recipe_tree(workdir, pattern="2:4", method="sparsegpt")), write=False)
+    w = report.model.blocks[0].attn.qkv.weight
+    assert torch.all((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2)
+
+
+def test_bad_recipes_are_clear(workdir: Path, tmp_path: Path) -> None:
+    tree = recipe_tree(workdir)
+    tree["prune"]["sparsty"] = 0.5
+    with pytest.raises(RecipeError, match="prune.sparsty: unknown key"):
+        recipe_from_dict(tree)
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(recipe_tree(workdir)))
+    with pytest.raises(RecipeError, match="prune.sparsity: Input should be less than 1"):
+        load_recipe(str(path), ["prune.sparsity=1.5"])
+    with pytest.raises(RecipeError, match="not of the form key=value"):
+        load_recipe(str(path), ["prune.sparsity"])
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(str(tmp_path / "nope.yaml"))
+
+
+def test_bad_inputs_fail_before_writing(workdir: Path) -> None:
+    missing = recipe_tree(workdir)
+    missing["model"]["source"] = str(workdir / "no-such-model")
+    with pytest.raises(FileNotFoundError, match="no-such-model does not exist"):
+        prune(recipe_from_dict(missing))
+    too_many = recipe_tree(workdir)
+    too_many["calibration"]["samples"] = 500
+    with pytest.raises(ValueError, match="samples=500 but .* has only 48 items"):
+        prune(recipe_from_dict(too_many))
+    nothing = recipe_tree(workdir)
+    nothing["model"]["targets"] = ["blocks.*.no_such_layer"]
+    with pytest.raises(ValueError, match="no_such_layer"):
+        prune(recipe_from_dict(nothing))
+    for tree in (missing, too_many, nothing):
+        assert not Path(tree["output"], "sparsity.json").exists()
+
+
+def test_corrupt_output_names_the_file(workdir: Path) -> None:
+    recipe = recipe_from_dict(recipe_tree(workdir, damp=0.02))
+    prune(recipe)
+    weights = Path(recipe.output) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptOutputError, match="model.safetensors is corrupt"):
+        load_sparse(recipe.output)
+    (Path(recipe.output) / "sparsity.json").unlink()
+    with pytest.raises(FileNotFoundError, match="sparsity.json is missing"):
+        load_sparse(recipe.output)
