@@ -74,7 +74,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from cap_dist.config import DataConfig
     from cap_dist.data.draw import draw_batches
-    from cap_dist.eval import evaluate_model, plot_layer_report
+    from cap_dist.eval import evaluate_model, plot_layer_report  # noqa: I001
     from cap_dist.models.loading import load_model
     from cap_dist.output import load_sparse, read_report
 
@@ -95,6 +95,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         m = recipe["model"]
         dense, _ = load_model(m["source"], m.get("weights"), m.get("create_kwargs"))
     metrics = evaluate_model(model, batches, dense_model=dense, kind=args.kind)
+    if args.kind == "encoder" and recipe.get("calibration") and batches[0][1] is not None:
+        from cap_dist.eval import knn_from_batches
+
+        bank = draw_batches(DataConfig(**recipe["calibration"]), manifest["input"], purpose="calibration")
+        metrics["knn_top1"] = knn_from_batches(model, bank, batches)
+        if dense is not None:
+            metrics["dense_knn_top1"] = knn_from_batches(dense, bank, batches)
     plot = args.plot or f"{args.output.rstrip('/')}/layers.png"
     plot_layer_report(read_report(args.output), plot)
     print(json.dumps({**metrics, "sparsity": manifest["sparsity"], "plot": plot}, indent=1))

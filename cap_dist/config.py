@@ -59,9 +59,12 @@ class PruneConfig(_Strict):
     mode: Literal["sequential", "independent"] = "sequential"
     float64_hessians: bool = True
 
-    @field_validator("pattern")
+    @field_validator("pattern", mode="before")
     @classmethod
-    def _pattern(cls, value: str) -> str:
+    def _pattern(cls, value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"pattern must be 'unstructured' or a quoted 'N:M' such as \"2:4\" (got {value!r}; "
+                             "YAML reads an unquoted 2:4 as the base-60 number 124)")
         parse_pattern(value)
         return value
 
@@ -109,7 +112,10 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"override {item!r} is not of the form key=value (e.g. prune.sparsity=0.75)")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        if isinstance(value, (int, float)) and ":" in raw:   # YAML 1.1 reads 2:4 as base 60: keep the text
+            value = raw.strip()
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 

@@ -292,6 +292,34 @@ REPORT_KEYS = ("layer", "sparsity", "rel_error")
 _MIN_LOG_ERROR = 1e-12
 
 
+def knn_from_batches(model: nn.Module, train_batches: Iterable[Any], test_batches: Iterable[Any],
+                     k: int = 20, temperature: float = 0.07) -> float:
+    """Weighted k-NN accuracy of an encoder's pooled features: labelled ``train_batches`` are the memory bank,
+    ``test_batches`` are classified against it (unlabelled items, label -1, are left out)."""
+    def embed(batches: Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, labels = [], []
+        device, dtype = _model_device_dtype(model)
+        with torch.no_grad():
+            for batch in batches:
+                x, y = _split_batch(batch)
+                if y is None:
+                    raise ValueError("k-NN accuracy needs labelled images for both the memory bank and the test set")
+                feats.append(pooled_features(model, x.to(device=device, dtype=dtype)).float().cpu())
+                labels.append(y.cpu())
+        f, l = torch.cat(feats), torch.cat(labels)
+        keep = l >= 0
+        return f[keep], l[keep]
+
+    was_training = model.training
+    model.eval()
+    try:
+        train_f, train_l = embed(train_batches)
+        test_f, test_l = embed(test_batches)
+    finally:
+        model.train(was_training)
+    return knn_accuracy(train_f, train_l, test_f, test_l, k=k, temperature=temperature)
+
+
 def plot_layer_report(rows: Sequence[Mapping[str, Any]], path: str) -> None:
     """Write a PNG of per-layer sparsity (bars, left axis) and relative output error (line, log scale, right
     axis) to ``path`` (local path or fsspec URI), atomically.

@@ -51,8 +51,14 @@ def write_pruned(report: Any) -> dict[str, Any]:
     sink = io.BytesIO()
     pq.write_table(table, sink)
     files = {WEIGHTS: weights, REPORT: sink.getvalue()}
-    for name, data in files.items():
-        atomic_write_bytes(_join(root, name), data)
+    written: list[str] = []
+    try:
+        for name, data in files.items():
+            atomic_write_bytes(_join(root, name), data)
+            written.append(name)
+    except BaseException:
+        _remove(root, written)                 # no half output: the files of this run go, the error stays
+        raise
     manifest = {
         "cap_dist_version": __version__,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -66,6 +72,16 @@ def write_pruned(report: Any) -> dict[str, Any]:
     }
     atomic_write_bytes(_join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def _remove(root: str, names: list[str]) -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(root)
+    for name in names:
+        target = f"{path.rstrip('/')}/{name}"
+        if fs.exists(target):
+            fs.rm(target)
 
 
 def read_manifest(uri: str) -> dict[str, Any]:

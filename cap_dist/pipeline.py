@@ -122,8 +122,9 @@ def _fisher(model: nn.Module, layers: dict[str, nn.Module], batches: list[Batch]
         for x, y in batches:
             for i in range(x.shape[0]):
                 logits = model(x[i:i + 1])
-                if y is None:
-                    target = torch.multinomial(torch.softmax(logits.detach().float(), -1), 1, generator=generator)[0]
+                if y is None or int(y[i]) < 0:
+                    probs = torch.softmax(logits.detach().float().cpu(), -1)
+                    target = torch.multinomial(probs, 1, generator=generator)[0].to(logits.device)
                 else:
                     target = y[i:i + 1]
                 loss = nn.functional.cross_entropy(logits, target)

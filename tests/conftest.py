@@ -23,6 +23,8 @@ LOCAL_ONLY = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # No model hub traffic from tests: a hub lookup fails at once instead of reaching out.
+    "HF_HUB_OFFLINE": "1",
 }
 for key, value in LOCAL_ONLY.items():
     os.environ[key] = value

