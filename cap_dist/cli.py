@@ -111,7 +111,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cap_dist.demo import run_demo
 
-    run_demo(sparsity=args.sparsity)
+    run_demo(sparsity=args.sparsity, photos=args.photos)
     return 0
 
 
@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="prune real pretrained EfficientNet-Lite0 and compare with dense")
     demo.add_argument("--sparsity", type=float, default=0.5)
+    demo.add_argument("--photos", action="store_true",
+                      help="use the photos bundled in scikit-image/scikit-learn even where ../shared exists")
     demo.set_defaults(func=_cmd_demo)
 
     layers = sub.add_parser("layers", help="list a model's prunable layers")

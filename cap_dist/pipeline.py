@@ -280,17 +280,42 @@ def run_pruning(recipe: Recipe, model: nn.Module, batches: list[Batch],
             if cfg.curvature == "fisher":
                 accs = _fisher(model, stage.layers, batches, cfg.fisher_block_size, recipe.calibration.seed,
                                cfg.float64_hessians)
+                timings["calibrate"] += time.perf_counter() - start
+                start = time.perf_counter()
+                for name, module in stage.layers.items():
+                    records.append(_solve_layer(name, stage.name, module, _curvature_of(accs[name]), recipe,
+                                                levels[name]))
+                timings["solve"] += time.perf_counter() - start
             else:
-                accs = _stage_hessians(lambda: [stage.run(h) for h in hidden], stage.layers, cfg.float64_hessians)
-            timings["calibrate"] += time.perf_counter() - start
-            start = time.perf_counter()
-            for name, module in stage.layers.items():
-                records.append(_solve_layer(name, stage.name, module, _curvature_of(accs[name]), recipe, levels[name]))
-            timings["solve"] += time.perf_counter() - start
+                records += _solve_stage_on_activations(recipe, stage, hidden, levels, timings)
         start = time.perf_counter()
         hidden = _run_stage_over(stage, hidden)
         timings["calibrate"] += time.perf_counter() - start
     return records, timings
+
+
+def _solve_stage_on_activations(recipe: Recipe, stage: Stage, hidden: list[torch.Tensor], levels: dict[str, float],
+                                timings: dict[str, float]) -> list[LayerRecord]:
+    """Solve a stage's layers on its (already pruned upstream) inputs.
+
+    With ``true_sequential`` the layers are taken in model order and each is calibrated after the ones
+    before it in the block were pruned (so fc2 sees the pruned fc1's outputs); otherwise all layers are
+    calibrated once on the dense block.  One block forward per layer buys the more faithful inputs.
+    """
+    cfg = recipe.prune
+    records = []
+    pending = dict(stage.layers)
+    while pending:
+        start = time.perf_counter()
+        accs = _stage_hessians(lambda: [stage.run(h) for h in hidden], pending, cfg.float64_hessians)
+        timings["calibrate"] += time.perf_counter() - start
+        batch = list(pending)[:1] if cfg.true_sequential else list(pending)
+        start = time.perf_counter()
+        for name in batch:
+            records.append(_solve_layer(name, stage.name, pending.pop(name), _curvature_of(accs[name]), recipe,
+                                        levels[name]))
+        timings["solve"] += time.perf_counter() - start
+    return records
 
 
 def select_layers(recipe: Recipe, model: nn.Module) -> dict[str, nn.Module]:

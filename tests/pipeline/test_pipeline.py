@@ -144,3 +144,10 @@ def test_n_m_overrides_and_unquoted_yaml(workdir: Path, tmp_path: Path) -> None:
     tree["prune"]["pattern"] = 124
     with pytest.raises(RecipeError, match="quoted 'N:M'"):
         recipe_from_dict(tree)
+
+
+def test_true_sequential_calibrates_later_layers_on_pruned_earlier_ones(workdir: Path) -> None:
+    on = prune(recipe_from_dict(recipe_tree(workdir, true_sequential=True)), write=False).model
+    off = prune(recipe_from_dict(recipe_tree(workdir, true_sequential=False)), write=False).model
+    torch.testing.assert_close(on.blocks[0].attn.qkv.weight, off.blocks[0].attn.qkv.weight)
+    assert not torch.equal(on.blocks[0].mlp.fc2.weight, off.blocks[0].mlp.fc2.weight)
