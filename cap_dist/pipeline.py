@@ -173,11 +173,11 @@ class Stage:
     layers: dict[str, nn.Module]
 
 
-def model_stages(model: nn.Module, layers: dict[str, nn.Module]) -> list[Stage]:
+def model_stages(model: nn.Module, layers: dict[str, nn.Module], example: torch.Tensor) -> list[Stage]:
     """Split the model into prefix -> blocks -> suffix and give every prunable layer to the stage that runs it.
 
     Layers outside every block (a stem conv in the prefix, a head conv in the suffix) are placed by
-    watching which stage runs them on a dummy input.
+    watching which stage runs them on ``example`` (one calibration input, batch of 1).
     """
     from cap_dist.models.families import split_blocks
 
@@ -198,9 +198,7 @@ def model_stages(model: nn.Module, layers: dict[str, nn.Module]) -> list[Stage]:
                    for n, m in rest.items()]
         try:
             with torch.no_grad():
-                param = next(model.parameters())
-                size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size") or (3, 224, 224))
-                h = torch.zeros(1, *size, dtype=param.dtype, device=param.device)
+                h = example
                 for stage in stages:
                     current[0] = stage.name
                     h = stage.run(h)
@@ -270,7 +268,7 @@ def run_pruning(recipe: Recipe, model: nn.Module, batches: list[Batch],
             records.append(_solve_layer(name, "independent", module, dense[name], recipe, levels[name]))
         timings["solve"] += time.perf_counter() - start
         return records, timings
-    stages = model_stages(model, layers)
+    stages = model_stages(model, layers, batches[0][0][:1])
     hidden = [x for x, _ in batches]
     bar = tqdm(stages, desc="sequential", unit="stage")
     for stage in bar:
