@@ -151,3 +151,21 @@ def test_true_sequential_calibrates_later_layers_on_pruned_earlier_ones(workdir:
     off = prune(recipe_from_dict(recipe_tree(workdir, true_sequential=False)), write=False).model
     torch.testing.assert_close(on.blocks[0].attn.qkv.weight, off.blocks[0].attn.qkv.weight)
     assert not torch.equal(on.blocks[0].mlp.fc2.weight, off.blocks[0].mlp.fc2.weight)
+
+
+def test_output_and_weights_through_an_fsspec_uri(workdir: Path) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/models/vit/model.safetensors", (workdir / "vit" / "model.safetensors").read_bytes())
+    fs.pipe("/models/vit/model.json", (workdir / "vit" / "model.json").read_bytes())
+    tree = recipe_tree(workdir)
+    tree["model"]["source"] = "memory://models/vit"
+    tree["output"] = "memory://runs/vit-50"
+    recipe = recipe_from_dict(tree)
+    report = prune(recipe)
+    model, manifest = load_sparse("memory://runs/vit-50")
+    assert manifest["recipe_hash"] == recipe.hash
+    torch.testing.assert_close(model.blocks[0].mlp.fc1.weight, report.model.blocks[0].mlp.fc1.weight)
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/runs/vit-50", detail=False)) == [
+        "model.safetensors", "report.parquet", "sparsity.json"]
