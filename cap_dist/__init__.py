@@ -1,7 +1,8 @@
 """cap-dist: Correlation-Aware Pruning (CAP) of large vision models, distributed on Ray.
 
 The layer solvers live in :mod:`cap_dist.solvers` (pure torch); :func:`prune_layer` is their stable
-entry point.  :func:`prune` runs a whole recipe; :func:`load_sparse` rebuilds its output.
+entry point.  :func:`prune` runs a whole recipe in one process, :func:`prune_distributed` on Ray (``cap-dist prune``
+picks by the recipe's ``engine``); :func:`load_sparse` rebuilds either output.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 from cap_dist.solvers import LayerResult, prune_layer
 
 __version__ = "0.1.0"
-__all__ = ["LayerResult", "__version__", "load_sparse", "prune", "prune_layer"]
+__all__ = ["LayerResult", "__version__", "load_sparse", "prune", "prune_distributed", "prune_layer"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,6 +21,10 @@ def __getattr__(name: str) -> Any:
         from cap_dist.pipeline import prune
 
         return prune
+    if name == "prune_distributed":
+        from cap_dist.distributed.driver import prune_distributed
+
+        return prune_distributed
     if name == "load_sparse":
         from cap_dist.output import load_sparse
 

@@ -65,9 +65,16 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from cap_dist.pipeline import prune
 
     recipe = load_recipe(args.config, args.overrides)
-    report = prune(recipe)
-    print(f"wrote {recipe.output}: {len(report.layers)} layers at {report.sparsity:.2%} sparsity "
-          f"in {report.timings['total']:.1f} s (recipe {recipe.hash[:12]})")
+    if recipe.engine == "local":
+        report = prune(recipe)
+        layers, sparsity, seconds = len(report.layers), report.sparsity, report.timings["total"]
+    else:
+        from cap_dist.distributed.driver import prune_distributed
+
+        manifest = prune_distributed(recipe)
+        layers, sparsity, seconds = len(manifest["layers"]), manifest["sparsity"], manifest["timings"]["total"]
+    print(f"wrote {recipe.output}: {layers} layers at {sparsity:.2%} sparsity in {seconds:.1f} s "
+          f"({recipe.engine} engine, recipe {recipe.hash[:12]})")
     return 0
 
 

@@ -81,19 +81,35 @@ class PruneConfig(_Strict):
         return self
 
 
+class DistributedConfig(_Strict):
+    """How the Ray engine shards the model: one actor per contiguous range of blocks."""
+
+    actors: int = Field(2, description="number of PruneActors (each owns at least one block)")
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory_gb: float | None = Field(None, gt=0, description="memory reserved per actor")
+    placement: Literal["PACK", "SPREAD"] | None = None
+    max_attempts: int = Field(3, ge=1, description="tries after an actor dies before the job fails")
+    address: str | None = Field(None, description="Ray address (default: RAY_ADDRESS, else a local Ray)")
+
+
 class Recipe(_Strict):
     model: ModelConfig
     calibration: DataConfig
     evaluation: DataConfig | None = None
     prune: PruneConfig = PruneConfig()
     output: str = Field(description="directory or URI for model.safetensors, sparsity.json, report.parquet")
+    engine: Literal["ray", "local"] = Field("ray", description="ray: the distributed engine (a local Ray on a "
+                                                                  "laptop); local: one process, no Ray")
+    distributed: DistributedConfig = DistributedConfig()
     device: Literal["cpu", "cuda", "auto"] = "auto"
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's)")
 
     @property
     def hash(self) -> str:
-        """sha256 of the recipe without ``output`` (where results go does not change them)."""
-        payload = self.model_dump(mode="json", exclude={"output"})
+        """sha256 of what decides the result: not where it is written, nor which engine or how many threads
+        computed it (the Ray engine reproduces the single-process result)."""
+        payload = self.model_dump(mode="json", exclude={"output", "engine", "distributed", "threads"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -44,9 +44,15 @@ def _sha256(data: bytes) -> str:
 
 def write_pruned(report: Any) -> dict[str, Any]:
     """Write a :class:`cap_dist.pipeline.PruneReport` to ``report.recipe.output``; returns the manifest."""
-    root = report.recipe.output
-    rows = [dataclasses.asdict(r) for r in report.layers]
-    weights = safetensors_save(state_dict_for_save(report.model), {"format": "pt", "cap_dist": __version__})
+    return write_output(report.recipe, state_dict_for_save(report.model), [dataclasses.asdict(r) for r in report.layers],
+                        report.input_spec, report.timings)
+
+
+def write_output(recipe: Any, state: dict, rows: list[dict[str, Any]], input_spec: dict[str, Any],
+                 timings: dict[str, float], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write weights, report and (last) the manifest; the same layout from every engine."""
+    root = recipe.output
+    weights = safetensors_save(state, {"format": "pt", "cap_dist": __version__})
     table = pa.Table.from_pylist(rows) if rows else pa.table({"layer": pa.array([], pa.string())})
     sink = io.BytesIO()
     pq.write_table(table, sink)
@@ -59,16 +65,18 @@ def write_pruned(report: Any) -> dict[str, Any]:
     except BaseException:
         _remove(root, written)                 # no half output: the files of this run go, the error stays
         raise
+    numel = sum(r["numel"] for r in rows)
     manifest = {
         "cap_dist_version": __version__,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "recipe": report.recipe.model_dump(mode="json"),
-        "recipe_hash": report.recipe.hash,
-        "input": report.input_spec,
-        "sparsity": report.sparsity,
-        "timings": report.timings,
+        "recipe": recipe.model_dump(mode="json"),
+        "recipe_hash": recipe.hash,
+        "input": input_spec,
+        "sparsity": sum(r["sparsity"] * r["numel"] for r in rows) / numel if numel else 0.0,
+        "timings": timings,
         "layers": rows,
         "files": {name: _sha256(data) for name, data in files.items()},
+        **(extra or {}),
     }
     atomic_write_bytes(_join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
     return manifest

@@ -83,11 +83,14 @@ def calibration_batches(recipe: Recipe, input_spec: dict[str, Any]) -> list[Batc
 # Curvature
 
 
-def _stage_hessians(run_stage: Callable[[], None], layers: dict[str, nn.Module], float64: bool) -> dict[str, HessianAccumulator]:
-    """Run a stage with forward pre-hooks that fold each layer's input into its accumulator."""
+def _stage_hessians(run_stage: Callable[[], None], layers: dict[str, nn.Module], float64: bool,
+                    accs: dict[str, HessianAccumulator] | None = None) -> dict[str, HessianAccumulator]:
+    """Run a stage with forward pre-hooks that fold each layer's input into its accumulator (new ones, or
+    ``accs`` to keep accumulating across calls in the same order as one long run)."""
     from cap_dist.models.capture import _fold_conv_input  # the one place that unfolds conv inputs
 
-    accs = {name: HessianAccumulator(layer_columns(m), float64=float64) for name, m in layers.items()}
+    if accs is None:
+        accs = {name: HessianAccumulator(layer_columns(m), float64=float64) for name, m in layers.items()}
     handles = []
     for name, module in layers.items():
         acc = accs[name]
@@ -173,7 +176,7 @@ class Stage:
     layers: dict[str, nn.Module]
 
 
-def model_stages(model: nn.Module, layers: dict[str, nn.Module], example: torch.Tensor) -> list[Stage]:
+def model_stages(model: nn.Module, layers: dict[str, nn.Module], example: torch.Tensor | None) -> list[Stage]:
     """Split the model into prefix -> blocks -> suffix and give every prunable layer to the stage that runs it.
 
     Layers outside every block (a stem conv in the prefix, a head conv in the suffix) are placed by
@@ -191,6 +194,9 @@ def model_stages(model: nn.Module, layers: dict[str, nn.Module], example: torch.
             stages[1 + parts.block_of(name)].layers[name] = module
         except ValueError:
             rest[name] = module
+    if rest and example is None:
+        raise ValueError(f"layers {sorted(rest)[:5]} lie outside the model's blocks; the distributed engine shards "
+                         "blocks only: drop them from model.targets or use the single-process pipeline")
     if rest:
         seen: dict[str, str] = {}
         current = ["prefix"]

@@ -38,3 +38,30 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"needs the shared models and data at {SHARED} (absent in a fresh clone)")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One local Ray cluster for the whole test run, on 127.0.0.1 only.
+
+    HOME points at a folder holding an empty ray_bootstrap_config.yaml: without it Ray's dashboard
+    process probes the cloud metadata address at start.  num_cpus is explicit so actors that ask for
+    more than exists fail fast instead of waiting.
+    """
+    import tempfile
+
+    import ray
+
+    home = tmp_path_factory.mktemp("rayhome")
+    (home / "ray_bootstrap_config.yaml").write_text("{}\n")
+    saved_home = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)
+    temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")             # socket paths must stay short
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
+             logging_level="ERROR", log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if saved_home is not None:
+            os.environ["HOME"] = saved_home

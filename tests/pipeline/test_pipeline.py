@@ -45,7 +45,8 @@ def recipe_tree(workdir: Path, **prune_cfg) -> dict:
     return {"model": {"source": str(workdir / "vit")},
             "calibration": {"uri": str(workdir / "images"), "samples": 32, "batch_size": 8},
             "prune": {"method": "cap", "sparsity": 0.5, "block_size": 16, **prune_cfg},
-            "output": str(workdir / "out" / "-".join(f"{k}{v}" for k, v in prune_cfg.items())), "device": "cpu"}
+            "output": str(workdir / "out" / "-".join(f"{k}{v}" for k, v in prune_cfg.items())), "device": "cpu",
+            "engine": "local"}
 
 
 @pytest.mark.parametrize("mode", ["sequential", "independent"])

@@ -1,0 +1,218 @@
+"""PruneActor: holds a contiguous range of the model's blocks, their calibration statistics, and solves them.
+
+An actor reads only its blocks' weights (ranged safetensors reads, local or from any URI) into a model
+skeleton built on the meta device, so no process ever materialises the whole model.  It folds every
+calibration batch that passes through into its layers' Hessians, solves its layers with the same code as
+the single-process pipeline, and writes each solved layer atomically (weights, mask, stats, recipe hash)
+so a rerun or a restarted actor skips what is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import resource
+import time
+from typing import Any
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+from torch import nn
+
+from cap_dist.config import Recipe, recipe_from_dict
+from cap_dist.models.capture import flattened_weight, set_flattened_weight
+from cap_dist.pipeline import (LayerRecord, Stage, _solve_layer, _solve_stage_on_activations, _stage_hessians,
+                               model_stages, select_layers)
+from cap_dist.solvers import HessianAccumulator, prune_layer
+from cap_dist.storage import atomic_write_bytes, read_bytes
+
+log = logging.getLogger(__name__)
+
+
+def layer_file(output: str, layer: str) -> str:
+    return f"{output.rstrip('/')}/layers/{layer}.safetensors"
+
+
+def weights_uri(recipe: Recipe) -> str | None:
+    """The safetensors file holding the dense weights, or None for sources without one (PyPI, hub)."""
+    source = recipe.model.source
+    if source.startswith("timm:"):
+        return recipe.model.weights
+    if source.startswith("pypi:"):
+        return None
+    with_json = json.loads(read_bytes(f"{source.rstrip('/')}/model.json"))
+    return f"{source.rstrip('/')}/{with_json.get('weights', 'model.safetensors')}"
+
+
+def _owned(key: str, member_prefixes: list[str], block_prefixes: list[str], owns_ends: bool) -> bool:
+    if any(key == p or key.startswith(p + ".") for p in member_prefixes):
+        return True
+    in_any_block = any(key == p or key.startswith(p + ".") for p in block_prefixes)
+    return owns_ends and not in_any_block
+
+
+def load_shard(recipe: Recipe, stage_names: list[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """The model with only the parameters and buffers of ``stage_names`` materialised (the rest on meta)."""
+    from cap_dist.models.families import split_blocks
+    from cap_dist.models.loading import build_skeleton, load_model
+    from cap_dist.storage import load_tensor_subset
+
+    uri = weights_uri(recipe)
+    if uri is None:
+        # No safetensors file to read ranges from: load the whole (small, packaged) model.
+        return load_model(recipe.model.source, recipe.model.weights, recipe.model.create_kwargs)
+    with torch.device("meta"):
+        model = build_skeleton(recipe.model.source, recipe.model.create_kwargs)
+    parts = split_blocks(model)
+    owned_blocks = [i for i, (name, _) in enumerate(parts.blocks) if name in stage_names]
+    members = [m for i in owned_blocks for m in parts.members(i)]
+    all_members = [m for i in range(len(parts.blocks)) for m in parts.members(i)]
+    owns_ends = "prefix" in stage_names or "suffix" in stage_names
+    keys = [k for k in model.state_dict() if _owned(k, members, all_members, owns_ends)]
+    tensors = load_tensor_subset(uri, keys)
+    for key, tensor in tensors.items():
+        module_name, _, attr = key.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            module._buffers[attr] = tensor
+    if recipe.model.source.startswith("timm:"):
+        from cap_dist.models.loading import input_spec_from_timm
+
+        spec = input_spec_from_timm(model, recipe.model.create_kwargs.get("img_size"))
+    else:
+        spec = json.loads(read_bytes(f"{recipe.model.source.rstrip('/')}/model.json")).get("input", {})
+    return model.eval(), spec
+
+
+class PruneActor:
+    """One shard of the model.  Created by the driver with ``ray.remote(PruneActor).options(...)``."""
+
+    def __init__(self, recipe: dict[str, Any], stage_names: list[str], index: int) -> None:
+        self.recipe = recipe_from_dict(recipe)
+        self.index = index
+        self.threads = max(1, int(self.recipe.distributed.num_cpus))
+        torch.set_num_threads(self.threads)
+        start = time.perf_counter()
+        self.model, _ = load_shard(self.recipe, stage_names)
+        self.load_seconds = time.perf_counter() - start
+        layers = select_layers(self.recipe, self.model)
+        self.stages: list[Stage] = [s for s in model_stages(self.model, layers, None) if s.name in stage_names]
+        self.layers = {n: m for s in self.stages for n, m in s.layers.items()}
+        self.accs: dict[str, HessianAccumulator] | None = None
+        self.records: dict[str, LayerRecord] = {}
+        self.calibrate_seconds = 0.0
+        self.solve_seconds = 0.0
+
+    # -- calibration ---------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense pass of one batch through this shard, folding every layer's input into its Hessian."""
+        start = time.perf_counter()
+        holder: list[torch.Tensor] = [x]
+
+        def run() -> None:
+            h = holder[0]
+            for stage in self.stages:
+                h = stage.run(h)
+            holder[0] = h
+
+        self.accs = _stage_hessians(run, self.layers, self.recipe.prune.float64_hessians, self.accs)
+        self.calibrate_seconds += time.perf_counter() - start
+        return holder[0]
+
+    def layer_names(self) -> list[str]:
+        return list(self.layers)
+
+    def loss_curves(self, max_row_sparsity: float) -> dict[str, Any]:
+        """Per-layer removal-loss curves from the dense Hessians (for global allocation)."""
+        cfg = self.recipe.prune
+        curves = {}
+        for name, module in self.layers.items():
+            res = prune_layer(flattened_weight(module).clone().float(), self.accs[name].hessian().float(),
+                              method="cap", sparsity=cfg.sparsity, block_size=cfg.block_size, damp=cfg.damp,
+                              max_row_sparsity=max_row_sparsity)
+            curves[name] = res.curve
+        return curves
+
+    # -- solving -------------------------------------------------------------------------------------
+
+    def _resume(self, name: str, level: float) -> LayerRecord | None:
+        """Load a layer written by an earlier run of the same recipe, if there is one."""
+        try:
+            data = read_bytes(layer_file(self.recipe.output, name))
+        except FileNotFoundError:
+            return None
+        tensors = safetensors_load(data)
+        meta = json.loads(_metadata(data)["record"])
+        if meta.get("recipe_hash") != self.recipe.hash or abs(meta["target_sparsity"] - level) > 1e-12:
+            return None
+        set_flattened_weight(self.layers[name], tensors["weight"])
+        return LayerRecord(**{k: v for k, v in meta.items() if k != "recipe_hash"})
+
+    def _write(self, record: LayerRecord) -> None:
+        module = self.layers[record.layer]
+        w = flattened_weight(module).contiguous()
+        meta = {"record": json.dumps({**dataclasses.asdict(record), "recipe_hash": self.recipe.hash})}
+        atomic_write_bytes(layer_file(self.recipe.output, record.layer),
+                           safetensors_save({"weight": w, "mask": (w != 0)}, meta))
+
+    def solve_layer(self, name: str, level: float) -> dict[str, Any]:
+        """Independent mode: solve one layer on its dense Hessian (or reuse a written result)."""
+        start = time.perf_counter()
+        record = self._resume(name, level)
+        resumed = record is not None
+        if record is None:
+            record = _solve_layer(name, "independent", self.layers[name], self.accs[name].hessian(), self.recipe,
+                                  level)
+            self._write(record)
+        self.records[name] = record
+        self.solve_seconds += time.perf_counter() - start
+        return {"record": dataclasses.asdict(record), "resumed": resumed}
+
+    def sequential(self, inputs: list[torch.Tensor], levels: dict[str, float]) -> list[torch.Tensor]:
+        """Sequential mode: solve this shard's stages in order on the (pruned) upstream outputs, then return
+        this shard's pruned outputs for the next actor."""
+        import ray
+
+        # The first actor gets the driver's list of batch references (nested refs are not resolved for us).
+        hidden = [ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in inputs]
+        timings = {"calibrate": 0.0, "solve": 0.0}
+        for stage in self.stages:
+            if stage.layers:
+                resumed = {n: self._resume(n, levels[n]) for n in stage.layers}
+                if all(r is not None for r in resumed.values()):
+                    self.records.update(resumed)
+                else:
+                    for rec in _solve_stage_on_activations(self.recipe, stage, hidden, levels, timings):
+                        self._write(rec)
+                        self.records[rec.layer] = rec
+            with torch.no_grad():
+                hidden = [stage.run(h) for h in hidden]
+        self.calibrate_seconds += timings["calibrate"]
+        self.solve_seconds += timings["solve"]
+        return hidden
+
+    # -- results -------------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """This shard's materialised parameters and buffers (pruned), for reassembly."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items() if v.device.type != "meta"}
+
+    def stats(self) -> dict[str, Any]:
+        return {"index": self.index, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "load_seconds": self.load_seconds, "calibrate_seconds": self.calibrate_seconds,
+                "solve_seconds": self.solve_seconds, "layers": len(self.layers)}
+
+    def get_records(self) -> list[dict[str, Any]]:
+        return [dataclasses.asdict(self.records[n]) for n in self.layers if n in self.records]
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    import struct
+
+    size = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8:8 + size]).get("__metadata__", {})

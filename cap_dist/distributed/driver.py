@@ -1,0 +1,261 @@
+"""The Ray driver: plan, start actors, stream calibration through them, allocate, solve, reassemble.
+
+    cap-dist prune --config jobs/vit4mnist.yaml distributed.actors=2        # local Ray on a laptop
+    ray job submit -- python -m cap_dist prune --config jobs/X.yaml          # joins the cluster
+
+Calibration batches are put in the object store once; each actor's output goes to the next actor by
+reference, and since an actor runs its calls in order, actor 0 works on batch b+1 while actor 1 works on
+batch b (a pipeline).  Independent mode then solves every layer of every actor in parallel; sequential
+mode runs the actors one after another, each on the pruned outputs of the one before.
+
+If an actor dies (killed, out of memory), the attempt is abandoned, fresh actors are started, and the run
+resumes: layers already written are read back, not solved again.  A layer that fails ``max_attempts``
+times fails the job, naming the layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from tqdm.auto import tqdm
+
+from cap_dist.config import Recipe
+from cap_dist.distributed.actor import PruneActor
+from cap_dist.distributed.plan import ActorPlan, StageCost, plan_actors, plan_json, plan_table
+from cap_dist.models.capture import layer_columns
+from cap_dist.solvers import allocate_global
+from cap_dist.solvers.patterns import parse_pattern
+from cap_dist.storage import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+def _stage_costs(recipe: Recipe, n_samples: int) -> tuple[list[StageCost], int]:
+    """Costs of prefix, blocks and suffix from a meta-device skeleton (no weights read)."""
+    from cap_dist.models.families import split_blocks
+    from cap_dist.models.loading import build_skeleton
+    from cap_dist.pipeline import model_stages, select_layers
+
+    with torch.device("meta"):
+        model = build_skeleton(recipe.model.source, recipe.model.create_kwargs)
+    layers = select_layers(recipe, model)
+    stages = model_stages(model, layers, None)
+    parts = split_blocks(model)
+    block_size = recipe.prune.block_size or 10**9
+    costs = []
+    for stage in stages:
+        if stage.name in ("prefix", "suffix"):
+            members = [m for i in range(len(parts.blocks)) for m in parts.members(i)]
+            params = [p for n, p in model.named_parameters() if not any(n.startswith(m + ".") for m in members)]
+            weight_bytes = sum(p.numel() * 4 for p in params) // 2
+        else:
+            i = parts.names.index(stage.name)
+            weight_bytes = sum(p.numel() * 4 for m in parts.members(i)
+                               for p in model.get_submodule(m).parameters())
+        hess = sum(layer_columns(m) ** 2 * 8 for m in stage.layers.values())
+        flops = sum(m.weight.shape[0] * layer_columns(m) * min(block_size, layer_columns(m)) ** 2
+                    for m in stage.layers.values())
+        costs.append(StageCost(stage.name, weight_bytes, hess, float(flops)))
+    return costs, len(parts.blocks)
+
+
+def _connect(recipe: Recipe) -> None:
+    if ray.is_initialized():
+        return
+    address = recipe.distributed.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False)
+
+
+def _check_resources(recipe: Recipe) -> None:
+    cfg = recipe.distributed
+    have = ray.cluster_resources()
+    need_cpu, need_gpu = cfg.actors * cfg.num_cpus, cfg.actors * cfg.num_gpus
+    if need_cpu > have.get("CPU", 0):
+        raise ValueError(f"distributed: {cfg.actors} actors × {cfg.num_cpus} CPUs = {need_cpu} CPUs, but the Ray "
+                         f"cluster has {have.get('CPU', 0):g}; lower distributed.actors or distributed.num_cpus")
+    if need_gpu > have.get("GPU", 0):
+        raise ValueError(f"distributed: {cfg.actors} actors × {cfg.num_gpus} GPUs = {need_gpu} GPUs, but the Ray "
+                         f"cluster has {have.get('GPU', 0):g}; lower distributed.num_gpus or add GPU nodes")
+    if cfg.memory_gb and cfg.memory_gb * 2**30 > have.get("memory", 0):
+        raise ValueError(f"distributed.memory_gb={cfg.memory_gb} per actor exceeds the cluster's memory")
+
+
+def _start_actors(recipe: Recipe, plans: list[ActorPlan], attempt: int) -> list[Any]:
+    cfg = recipe.distributed
+    remote = ray.remote(PruneActor)
+    options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "max_restarts": 0,
+                               "name": f"cap-dist-{recipe.hash[:10]}-{attempt}-{{}}"}
+    if cfg.memory_gb:
+        options["memory"] = int(cfg.memory_gb * 2**30)
+    if cfg.placement:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pg = ray.util.placement_group([{"CPU": cfg.num_cpus, "GPU": cfg.num_gpus}] * len(plans),
+                                      strategy=cfg.placement)
+        ray.get(pg.ready(), timeout=600)
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=pg)
+    recipe_dict = recipe.model_dump(mode="json")
+    actors = []
+    for p in plans:
+        opts = dict(options, name=options["name"].format(p.index))
+        actors.append(remote.options(**opts).remote(recipe_dict, list(p.stages), p.index))
+    return actors
+
+
+def _levels(recipe: Recipe, actors: list[Any]) -> dict[str, float]:
+    cfg = recipe.prune
+    names = [n for names in ray.get([a.layer_names.remote() for a in actors]) for n in names]
+    pattern = parse_pattern(cfg.pattern)
+    uniform = pattern.sparsity if pattern.structured else cfg.sparsity
+    if cfg.allocation == "uniform":
+        return {n: uniform for n in names}
+    depth = min(1.0, cfg.max_layer_sparsity + 0.5 * (1.0 - cfg.max_layer_sparsity))
+    curves: dict[str, Any] = {}
+    for part in ray.get([a.loss_curves.remote(depth) for a in actors]):
+        curves.update(part)
+    return allocate_global(curves, cfg.sparsity, normalize=True, max_layer_sparsity=cfg.max_layer_sparsity)
+
+
+def _stream_dense(actors: list[Any], batch_refs: list[Any]) -> None:
+    """Push every batch through the actor chain (pipelined) and wait for all of them."""
+    finals = []
+    for ref in batch_refs:
+        for actor in actors:
+            ref = actor.forward.remote(ref)
+        finals.append(ref)
+    bar = tqdm(total=len(finals), desc="calibration batches", unit="batch")
+    pending = list(finals)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
+        bar.update(len(done))
+    bar.close()
+
+
+def _attempt(recipe: Recipe, actors: list[Any], batch_refs: list[Any], failures: dict[str, int]) -> dict[str, Any]:
+    cfg = recipe.prune
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if cfg.mode == "independent" or cfg.allocation == "global":
+        _stream_dense(actors, batch_refs)
+    timings["calibrate"] = time.perf_counter() - start
+    start = time.perf_counter()
+    levels = _levels(recipe, actors)
+    timings["allocate"] = time.perf_counter() - start
+    start = time.perf_counter()
+    if cfg.mode == "independent":
+        owner = {}
+        calls = {}
+        for actor, names in zip(actors, ray.get([a.layer_names.remote() for a in actors])):
+            for name in names:
+                ref = actor.solve_layer.remote(name, levels[name])
+                calls[ref] = name
+                owner[name] = actor
+        bar = tqdm(total=len(calls), desc="layers solved", unit="layer")
+        pending = list(calls)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done[0])
+            except ACTOR_FAILURES:
+                failures[calls[done[0]]] = failures.get(calls[done[0]], 0) + 1
+                bar.close()
+                raise
+            bar.update(1)
+        bar.close()
+    else:
+        hidden: Any = batch_refs
+        bar = tqdm(total=len(actors), desc="actors solved (sequential)", unit="actor")
+        for actor in actors:
+            hidden = actor.sequential.remote(hidden, levels)
+            try:
+                ray.wait([hidden], num_returns=1)
+                ray.get(hidden)
+            except ACTOR_FAILURES:
+                bar.close()
+                raise
+            bar.update(1)
+        bar.close()
+    timings["solve"] = time.perf_counter() - start
+    return {"levels": levels, "timings": timings}
+
+
+def prune_distributed(recipe: Recipe) -> dict[str, Any]:
+    """Run a recipe on Ray; writes the same output as the single-process pipeline.  Returns the manifest."""
+    from cap_dist.output import write_output
+    from cap_dist.pipeline import calibration_batches, layer_table, LayerRecord
+
+    if recipe.prune.curvature == "fisher":
+        raise ValueError("prune.curvature=fisher needs whole-model backward passes; run it with engine=local")
+    if recipe.distributed.actors < 1:
+        raise ValueError(f"distributed.actors={recipe.distributed.actors}: need at least 1 actor")
+    total_start = time.perf_counter()
+    calibration = calibration_batches(recipe, _input_spec(recipe))
+    costs, n_blocks = _stage_costs(recipe, sum(x.shape[0] for x, _ in calibration))
+    plans = plan_actors(costs, recipe.distributed.actors, n_blocks)
+    print(plan_table(plans))
+    _connect(recipe)
+    _check_resources(recipe)
+    atomic_write_bytes(f"{recipe.output.rstrip('/')}/plan.json", plan_json(plans).encode())
+    batch_refs = [ray.put(x) for x, _ in calibration]
+    failures: dict[str, int] = {}
+    for attempt in range(recipe.distributed.max_attempts):
+        actors = _start_actors(recipe, plans, attempt)
+        try:
+            result = _attempt(recipe, actors, batch_refs, failures)
+            break
+        except ACTOR_FAILURES as err:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+            worst = max(failures.items(), key=lambda kv: kv[1], default=(None, 0))
+            if attempt + 1 >= recipe.distributed.max_attempts:
+                where = f" while solving layer {worst[0]!r}" if worst[0] else ""
+                raise RuntimeError(f"an actor died{where} in {attempt + 1} attempts "
+                                   f"(distributed.max_attempts={recipe.distributed.max_attempts}): {err}") from None
+            log.warning("an actor died (%s); attempt %d of %d resumes from the layers already written",
+                        type(err).__name__, attempt + 2, recipe.distributed.max_attempts)
+    stats = ray.get([a.stats.remote() for a in actors])
+    for s in stats:
+        log.info("actor %d: peak RSS %.0f MiB, load %.1fs, calibrate %.1fs, solve %.1fs", s["index"], s["peak_rss_mb"],
+                 s["load_seconds"], s["calibrate_seconds"], s["solve_seconds"])
+    records = [r for part in ray.get([a.get_records.remote() for a in actors]) for r in part]
+    state: dict[str, torch.Tensor] = {}
+    for part in ray.get([a.state.remote() for a in actors]):
+        state.update(part)
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+    timings = dict(result["timings"], total=time.perf_counter() - total_start)
+    manifest = write_output(recipe, state, records, _input_spec(recipe), timings,
+                            extra={"engine": "ray", "actors": stats, "plan": [list(p.stages) for p in plans]})
+    print(layer_table([LayerRecord(**r) for r in records]))
+    return manifest
+
+
+def _input_spec(recipe: Recipe) -> dict[str, Any]:
+    import json
+
+    from cap_dist.storage import read_bytes
+
+    source = recipe.model.source
+    if source.startswith("timm:") or source.startswith("pypi:"):
+        from cap_dist.models.loading import build_skeleton, input_spec_from_timm
+
+        if source.startswith("pypi:"):
+            from cap_dist.models.loading import load_model
+
+            return load_model(source)[1]
+        with torch.device("meta"):
+            model = build_skeleton(source, recipe.model.create_kwargs)
+        return input_spec_from_timm(model, recipe.model.create_kwargs.get("img_size"))
+    return json.loads(read_bytes(f"{source.rstrip('/')}/model.json")).get("input", {})

@@ -1,0 +1,149 @@
+"""The Ray engine reproduces the single-process pipeline, survives a killed actor, resumes, and rejects
+impossible plans — on one local Ray cluster shared by the test run."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from cap_dist.config import recipe_from_dict
+from cap_dist.distributed.driver import prune_distributed
+from cap_dist.output import load_sparse
+from cap_dist.pipeline import prune
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+INPUT = {"size": 32, "resize_short_side": 32, "center_crop": 32, "interpolation": "bilinear",
+         "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+MODELS = {
+    "vit": ("timm:VisionTransformer", {"img_size": 32, "patch_size": 8, "num_classes": 4, "embed_dim": 32,
+                                       "depth": 3, "num_heads": 2, "mlp_ratio": 2.0}),
+    "convnext": ("timm:ConvNeXt", {"depths": [1, 1, 1, 1], "dims": [8, 16, 16, 32], "num_classes": 4}),
+}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("engine")
+    for key, (arch, kwargs) in MODELS.items():
+        torch.manual_seed(0)
+        name = arch.removeprefix("timm:")
+        cls = getattr(timm.models, name)
+        model = cls(**kwargs)
+        (root / key).mkdir()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / key / "model.safetensors")
+        (root / key / "model.json").write_text(json.dumps({"architecture": arch, "create_kwargs": kwargs,
+                                                          "input": INPUT}))
+    rng = np.random.default_rng(0)
+    for label in range(2):
+        folder = root / "images" / f"c{label}"
+        folder.mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray((rng.random((36, 36, 3)) * 200 + label * 40).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def tree(assets: Path, model: str, out: str, **prune_cfg) -> dict:
+    return {"model": {"source": str(assets / model)},
+            "calibration": {"uri": str(assets / "images"), "samples": 16, "batch_size": 4},
+            "prune": {"method": "cap", "sparsity": 0.5, "block_size": 16, **prune_cfg},
+            "output": str(assets / "out" / out), "device": "cpu", "engine": "ray"}
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("mode", ["independent", "sequential"])
+def test_distributed_equals_single_process(ray_cluster, assets: Path, model: str, mode: str) -> None:
+    local = prune(recipe_from_dict(dict(tree(assets, model, f"{model}-{mode}-local", mode=mode), engine="local")))
+    expected = local.model.state_dict()
+    for actors in (1, 2, 3):
+        recipe = recipe_from_dict(dict(tree(assets, model, f"{model}-{mode}-{actors}", mode=mode),
+                                       distributed={"actors": actors, "num_cpus": 1}))
+        manifest = prune_distributed(recipe)
+        assert manifest["recipe_hash"] == local.recipe.hash
+        sparse, _ = load_sparse(recipe.output)
+        for key, tensor in sparse.state_dict().items():
+            assert torch.equal(tensor == 0, expected[key] == 0), (actors, key)
+            torch.testing.assert_close(tensor, expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_global_allocation_matches_single_process(ray_cluster, assets: Path) -> None:
+    local = prune(recipe_from_dict(dict(tree(assets, "vit", "g-local", allocation="global", mode="independent",
+                                             sparsity=0.6), engine="local")))
+    recipe = recipe_from_dict(dict(tree(assets, "vit", "g-ray", allocation="global", mode="independent",
+                                        sparsity=0.6), distributed={"actors": 2}))
+    manifest = prune_distributed(recipe)
+    got = {r["layer"]: r["sparsity"] for r in manifest["layers"]}
+    for r in local.layers:
+        assert got[r.layer] == pytest.approx(r.sparsity, abs=1e-9)
+
+
+def test_killed_actor_is_replaced_and_the_result_is_the_same(ray_cluster, assets: Path) -> None:
+    import ray
+
+    local = prune(recipe_from_dict(dict(tree(assets, "vit", "kill-local", mode="independent"), engine="local")))
+    recipe = recipe_from_dict(dict(tree(assets, "vit", "kill-ray", mode="independent"),
+                                   distributed={"actors": 2, "max_attempts": 3}))
+    layers_dir = Path(recipe.output) / "layers"
+    killed: list[str] = []
+
+    def killer() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (layers_dir.exists() and any(layers_dir.iterdir())):
+            time.sleep(0.05)
+        name = f"cap-dist-{recipe.hash[:10]}-0-1"
+        ray.kill(ray.get_actor(name), no_restart=True)
+        killed.append(name)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    prune_distributed(recipe)
+    thread.join(timeout=60)
+    assert killed, "the actor was never killed: the test did not exercise a failure"
+    sparse, _ = load_sparse(recipe.output)
+    for key, tensor in sparse.state_dict().items():
+        torch.testing.assert_close(tensor, local.model.state_dict()[key], rtol=1e-5, atol=1e-6)
+
+
+def test_rerun_resumes_without_solving_again(ray_cluster, assets: Path) -> None:
+    recipe = recipe_from_dict(dict(tree(assets, "vit", "resume", mode="independent"), distributed={"actors": 2}))
+    first = prune_distributed(recipe)
+    files = {p.name: p.stat().st_mtime_ns for p in (Path(recipe.output) / "layers").iterdir()}
+    second = prune_distributed(recipe)
+    assert {p.name: p.stat().st_mtime_ns for p in (Path(recipe.output) / "layers").iterdir()} == files
+    assert [r["loss"] for r in second["layers"]] == [r["loss"] for r in first["layers"]]
+
+
+@pytest.mark.parametrize("distributed,message", [
+    ({"actors": 0}, "need at least 1 actor"),
+    ({"actors": 4}, "only 3 blocks"),
+    ({"actors": 2, "num_cpus": 3}, "the Ray cluster has 4"),
+    ({"actors": 1, "num_gpus": 1}, "GPUs"),
+])
+def test_impossible_plans_fail_fast(ray_cluster, assets: Path, distributed: dict, message: str) -> None:
+    recipe = recipe_from_dict(dict(tree(assets, "vit", "bad"), distributed=distributed))
+    with pytest.raises(ValueError, match=message):
+        prune_distributed(recipe)
+
+
+def test_cli_prune_runs_on_ray_and_writes_plan(ray_cluster, assets: Path, tmp_path: Path, capsys) -> None:
+    from cap_dist.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps(dict(tree(assets, "vit", "cli"), distributed={"actors": 2})))
+    assert main(["prune", "--config", str(recipe)]) == 0
+    out = Path(tree(assets, "vit", "cli")["output"])
+    plan = json.loads((out / "plan.json").read_text())
+    assert [p["stages"][0] for p in plan] == ["prefix", "blocks.2"] or len(plan) == 2
+    manifest = json.loads((out / "sparsity.json").read_text())
+    assert manifest["engine"] == "ray" and len(manifest["actors"]) == 2
+    assert "ray engine" in capsys.readouterr().out
