@@ -52,16 +52,17 @@ def write_output(recipe: Any, state: dict, rows: list[dict[str, Any]], input_spe
                  timings: dict[str, float], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write weights, report and (last) the manifest; the same layout from every engine."""
     root = recipe.output
-    weights = safetensors_save(state, {"format": "pt", "cap_dist": __version__})
     table = pa.Table.from_pylist(rows) if rows else pa.table({"layer": pa.array([], pa.string())})
     sink = io.BytesIO()
     pq.write_table(table, sink)
-    files = {WEIGHTS: weights, REPORT: sink.getvalue()}
+    digests: dict[str, str] = {}
     written: list[str] = []
     try:
-        for name, data in files.items():
-            atomic_write_bytes(_join(root, name), data)
-            written.append(name)
+        digests[WEIGHTS] = _write_weights(_join(root, WEIGHTS), state)
+        written.append(WEIGHTS)
+        atomic_write_bytes(_join(root, REPORT), sink.getvalue())
+        digests[REPORT] = _sha256(sink.getvalue())
+        written.append(REPORT)
     except BaseException:
         _remove(root, written)                 # no half output: the files of this run go, the error stays
         raise
@@ -75,11 +76,44 @@ def write_output(recipe: Any, state: dict, rows: list[dict[str, Any]], input_spe
         "sparsity": sum(r["sparsity"] * r["numel"] for r in rows) / numel if numel else 0.0,
         "timings": timings,
         "layers": rows,
-        "files": {name: _sha256(data) for name, data in files.items()},
+        "files": digests,
         **(extra or {}),
     }
     atomic_write_bytes(_join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def _write_weights(uri: str, state: dict) -> str:
+    """Write the weights atomically and return their sha256.  Local files are written straight from the
+    tensors (no second in-memory copy of a multi-GB model); other URIs go through bytes."""
+    import os
+    import tempfile
+
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+    from safetensors.torch import save_file
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    meta = {"format": "pt", "cap_dist": __version__}
+    if not isinstance(fs, LocalFileSystem):
+        data = safetensors_save(state, meta)
+        atomic_write_bytes(uri, data)
+        return _sha256(data)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".model.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, meta)
+        digest = hashlib.sha256()
+        with open(tmp, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return digest.hexdigest()
 
 
 def _remove(root: str, names: list[str]) -> None:

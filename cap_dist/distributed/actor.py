@@ -95,7 +95,10 @@ class PruneActor:
         self.recipe = recipe_from_dict(recipe)
         self.index = index
         self.threads = max(1, int(self.recipe.distributed.num_cpus))
-        torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads)              # one thread pool per reserved CPU, for torch and numba
+        import numba
+
+        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
         start = time.perf_counter()
         self.model, _ = load_shard(self.recipe, stage_names)
         self.load_seconds = time.perf_counter() - start
@@ -197,6 +200,13 @@ class PruneActor:
         return hidden
 
     # -- results -------------------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Drop the calibration statistics once every layer is solved (reassembly needs the memory)."""
+        self.accs = None
+        import gc
+
+        gc.collect()
 
     def state(self) -> dict[str, torch.Tensor]:
         """This shard's materialised parameters and buffers (pruned), for reassembly."""

@@ -230,14 +230,19 @@ def prune_distributed(recipe: Recipe) -> dict[str, Any]:
         log.info("actor %d: peak RSS %.0f MiB, load %.1fs, calibrate %.1fs, solve %.1fs", s["index"], s["peak_rss_mb"],
                  s["load_seconds"], s["calibrate_seconds"], s["solve_seconds"])
     records = [r for part in ray.get([a.get_records.remote() for a in actors]) for r in part]
+    ray.get([a.release.remote() for a in actors])
+    write_start = time.perf_counter()
     state: dict[str, torch.Tensor] = {}
     for part in ray.get([a.state.remote() for a in actors]):
         state.update(part)
     for actor in actors:
         ray.kill(actor, no_restart=True)
-    timings = dict(result["timings"], total=time.perf_counter() - total_start)
+    timings = dict(result["timings"], load=max(s["load_seconds"] for s in stats))
     manifest = write_output(recipe, state, records, _input_spec(recipe), timings,
                             extra={"engine": "ray", "actors": stats, "plan": [list(p.stages) for p in plans]})
+    del state
+    timings.update(write=time.perf_counter() - write_start, total=time.perf_counter() - total_start)
+    manifest["timings"] = timings
     print(layer_table([LayerRecord(**r) for r in records]))
     return manifest
 
