@@ -87,14 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     model_dir, images = make_assets(work, args.arch, {}, args.images, 224)
     rows = [run(model_dir, images, args.images, n, str(work / f"out{n}"), args.block_size) for n in (1, 2)]
     one, two = rows
-    single_peak = one["actor_stats"][0]["peak_rss_mb"]
-    lines = ["| actors | wall time | speed-up | calibrate | solve | peak RSS per actor (MiB) | vs 1 actor |",
-             "|---|---|---|---|---|---|---|"]
+    single = one["actor_stats"][0]
+    single_peak = single["peak_rss_mb"]
+    single_work = single_peak - single["baseline_rss_mb"]
+    lines = ["| actors | wall time | speed-up | calibrate | solve | peak RSS per actor (MiB) | vs 1 actor | "
+             "above runtime baseline (MiB) | vs 1 actor |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peaks = [s["peak_rss_mb"] for s in r["actor_stats"]]
+        work = [s["peak_rss_mb"] - s["baseline_rss_mb"] for s in r["actor_stats"]]
         lines.append(f"| {r['actors']} | {r['wall_seconds']:.0f} s | {one['wall_seconds'] / r['wall_seconds']:.2f}× | "
                      f"{r['timings']['calibrate']:.0f} s | {r['timings']['solve']:.0f} s | "
-                     f"{', '.join(f'{p:.0f}' for p in peaks)} | {', '.join(f'{p / single_peak:.0%}' for p in peaks)} |")
+                     f"{', '.join(f'{p:.0f}' for p in peaks)} | "
+                     f"{', '.join(f'{p / single_peak:.0%}' for p in peaks)} | "
+                     f"{', '.join(f'{w:.0f}' for w in work)} | {', '.join(f'{w / single_work:.0%}' for w in work)} |")
     table = "\n".join(lines)
     print("\n" + table)
     args.out.parent.mkdir(parents=True, exist_ok=True)

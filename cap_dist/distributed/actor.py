@@ -92,6 +92,7 @@ class PruneActor:
     """One shard of the model.  Created by the driver with ``ray.remote(PruneActor).options(...)``."""
 
     def __init__(self, recipe: dict[str, Any], stage_names: list[str], index: int) -> None:
+        self.baseline_rss_mb = _current_rss_mb()          # the runtime alone (torch, numba, ray), before any data
         self.recipe = recipe_from_dict(recipe)
         self.index = index
         self.threads = max(1, int(self.recipe.distributed.num_cpus))
@@ -214,11 +215,21 @@ class PruneActor:
 
     def stats(self) -> dict[str, Any]:
         return {"index": self.index, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "baseline_rss_mb": self.baseline_rss_mb,
                 "load_seconds": self.load_seconds, "calibrate_seconds": self.calibrate_seconds,
                 "solve_seconds": self.solve_seconds, "layers": len(self.layers)}
 
     def get_records(self) -> list[dict[str, Any]]:
         return [dataclasses.asdict(self.records[n]) for n in self.layers if n in self.records]
+
+
+def _current_rss_mb() -> float:
+    """Resident memory now (Linux /proc; the peak is in getrusage)."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _metadata(data: bytes) -> dict[str, str]:
