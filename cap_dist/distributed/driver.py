@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from typing import Any
 
 import ray
@@ -91,11 +92,13 @@ def _check_resources(recipe: Recipe) -> None:
         raise ValueError(f"distributed.memory_gb={cfg.memory_gb} per actor exceeds the cluster's memory")
 
 
-def _start_actors(recipe: Recipe, plans: list[ActorPlan], attempt: int) -> list[Any]:
+def _start_actors(recipe: Recipe, plans: list[ActorPlan], attempt: int, run_id: str) -> list[Any]:
+    """Actors named cap-dist-<recipe hash>-<run>-<attempt>-<index> (unique per run: a rerun of the same recipe
+    must not collide with the names of actors that are still being torn down)."""
     cfg = recipe.distributed
     remote = ray.remote(PruneActor)
     options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "max_restarts": 0,
-                               "name": f"cap-dist-{recipe.hash[:10]}-{attempt}-{{}}"}
+                               "name": f"cap-dist-{recipe.hash[:10]}-{run_id}-{attempt}-{{}}"}
     if cfg.memory_gb:
         options["memory"] = int(cfg.memory_gb * 2**30)
     if cfg.placement:
@@ -210,10 +213,19 @@ def prune_distributed(recipe: Recipe) -> dict[str, Any]:
     atomic_write_bytes(f"{recipe.output.rstrip('/')}/plan.json", plan_json(plans).encode())
     batch_refs = [ray.put(x) for x, _ in calibration]
     failures: dict[str, int] = {}
+    run_id = uuid.uuid4().hex[:8]
     for attempt in range(recipe.distributed.max_attempts):
-        actors = _start_actors(recipe, plans, attempt)
+        actors = _start_actors(recipe, plans, attempt, run_id)
         try:
             result = _attempt(recipe, actors, batch_refs, failures)
+            # Gathering is part of the attempt: an actor lost now is recovered like one lost while solving.
+            stats = ray.get([a.stats.remote() for a in actors])
+            records = [r for part in ray.get([a.get_records.remote() for a in actors]) for r in part]
+            ray.get([a.release.remote() for a in actors])
+            write_start = time.perf_counter()
+            state: dict[str, torch.Tensor] = {}
+            for part in ray.get([a.state.remote() for a in actors]):
+                state.update(part)
             break
         except ACTOR_FAILURES as err:
             for actor in actors:
@@ -225,16 +237,9 @@ def prune_distributed(recipe: Recipe) -> dict[str, Any]:
                                    f"(distributed.max_attempts={recipe.distributed.max_attempts}): {err}") from None
             log.warning("an actor died (%s); attempt %d of %d resumes from the layers already written",
                         type(err).__name__, attempt + 2, recipe.distributed.max_attempts)
-    stats = ray.get([a.stats.remote() for a in actors])
     for s in stats:
         log.info("actor %d: peak RSS %.0f MiB, load %.1fs, calibrate %.1fs, solve %.1fs", s["index"], s["peak_rss_mb"],
                  s["load_seconds"], s["calibrate_seconds"], s["solve_seconds"])
-    records = [r for part in ray.get([a.get_records.remote() for a in actors]) for r in part]
-    ray.get([a.release.remote() for a in actors])
-    write_start = time.perf_counter()
-    state: dict[str, torch.Tensor] = {}
-    for part in ray.get([a.state.remote() for a in actors]):
-        state.update(part)
     for actor in actors:
         ray.kill(actor, no_restart=True)
     timings = dict(result["timings"], load=max(s["load_seconds"] for s in stats))

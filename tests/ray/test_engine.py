@@ -26,6 +26,9 @@ MODELS = {
     "vit": ("timm:VisionTransformer", {"img_size": 32, "patch_size": 8, "num_classes": 4, "embed_dim": 32,
                                        "depth": 3, "num_heads": 2, "mlp_ratio": 2.0}),
     "convnext": ("timm:ConvNeXt", {"depths": [1, 1, 1, 1], "dims": [8, 16, 16, 32], "num_classes": 4}),
+    # wide enough that solving takes seconds: the kill below must land while work remains
+    "vit_wide": ("timm:VisionTransformer", {"img_size": 32, "patch_size": 8, "num_classes": 4, "embed_dim": 256,
+                                            "depth": 4, "num_heads": 4, "mlp_ratio": 4.0}),
 }
 
 
@@ -60,7 +63,7 @@ def tree(assets: Path, model: str, out: str, **prune_cfg) -> dict:
             "output": str(assets / "out" / out), "device": "cpu", "engine": "ray"}
 
 
-@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("model", ["convnext", "vit"])
 @pytest.mark.parametrize("mode", ["independent", "sequential"])
 def test_distributed_equals_single_process(ray_cluster, assets: Path, model: str, mode: str) -> None:
     local = prune(recipe_from_dict(dict(tree(assets, model, f"{model}-{mode}-local", mode=mode), engine="local")))
@@ -90,8 +93,13 @@ def test_global_allocation_matches_single_process(ray_cluster, assets: Path) -> 
 def test_killed_actor_is_replaced_and_the_result_is_the_same(ray_cluster, assets: Path) -> None:
     import ray
 
-    local = prune(recipe_from_dict(dict(tree(assets, "vit", "kill-local", mode="independent"), engine="local")))
-    recipe = recipe_from_dict(dict(tree(assets, "vit", "kill-ray", mode="independent"),
+    # The reference is an uninterrupted run with the same actors and threads (at this width, a different
+    # thread count changes float rounding in the calibration matmuls, and with it near-tie greedy choices).
+    reference = recipe_from_dict(dict(tree(assets, "vit_wide", "kill-reference", mode="independent", block_size=32),
+                                      distributed={"actors": 2}))
+    prune_distributed(reference)
+    expected, _ = load_sparse(reference.output)
+    recipe = recipe_from_dict(dict(tree(assets, "vit_wide", "kill-ray", mode="independent", block_size=32),
                                    distributed={"actors": 2, "max_attempts": 3}))
     layers_dir = Path(recipe.output) / "layers"
     killed: list[str] = []
@@ -99,19 +107,23 @@ def test_killed_actor_is_replaced_and_the_result_is_the_same(ray_cluster, assets
     def killer() -> None:
         deadline = time.time() + 300
         while time.time() < deadline and not (layers_dir.exists() and any(layers_dir.iterdir())):
-            time.sleep(0.05)
-        name = f"cap-dist-{recipe.hash[:10]}-0-1"
-        ray.kill(ray.get_actor(name), no_restart=True)
-        killed.append(name)
+            time.sleep(0.02)
+        prefix = f"cap-dist-{recipe.hash[:10]}-"
+        for name in ray.util.list_named_actors():
+            if name.startswith(prefix) and name.endswith("-0-1"):        # attempt 0, actor 1
+                ray.kill(ray.get_actor(name), no_restart=True)
+                killed.append(name)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     prune_distributed(recipe)
     thread.join(timeout=60)
     assert killed, "the actor was never killed: the test did not exercise a failure"
+    written = len(list(layers_dir.iterdir()))
+    assert written == 16                                                  # every layer, once
     sparse, _ = load_sparse(recipe.output)
     for key, tensor in sparse.state_dict().items():
-        torch.testing.assert_close(tensor, local.model.state_dict()[key], rtol=1e-5, atol=1e-6)
+        assert torch.equal(tensor, expected.state_dict()[key]), key
 
 
 def test_rerun_resumes_without_solving_again(ray_cluster, assets: Path) -> None:
