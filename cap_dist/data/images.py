@@ -162,12 +162,7 @@ class LabelledImageFolder(Dataset):
                 data = f.read()
         except FileNotFoundError as err:
             raise ImageDecodeError(f"{self.root}/{file} is listed in labels.csv but does not exist") from err
-        try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-            raise ImageDecodeError(f"cannot decode {self.root}/{file}: {err}") from err
-        return image
+        return decode_image_bytes(data, f"{self.root}/{file}")
 
 
 def _decoded(dataset: LabelledImageFolder, skip_bad: bool, skipped: list[str],
