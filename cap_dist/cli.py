@@ -173,9 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    from cap_dist import storage
+
+    storage.configure()     # AWS_ENDPOINT_URL(_S3) reaches the recipe read too; the recipe's storage section follows
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, ImportError, OSError) as exc:
         if args.verbose:
             raise
         print(f"cap-dist {args.command}: error: {exc}", file=sys.stderr)

@@ -16,6 +16,7 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cap_dist.finetune.config import FinetuneConfig, ScheduleConfig
 from cap_dist.solvers import DEFAULT_CAP_BLOCK
 from cap_dist.solvers.patterns import parse_pattern
 
@@ -93,6 +94,16 @@ class DistributedConfig(_Strict):
     address: str | None = Field(None, description="Ray address (default: RAY_ADDRESS, else a local Ray)")
 
 
+class StorageConfig(_Strict):
+    """How to reach object stores. Credentials come from the standard AWS chain (environment, profile, instance
+    role), never from the recipe. ``endpoint_url`` points s3:// at an S3-compatible store (MinIO, Ceph, a local
+    test server) and reaches every client: s3fs, pyarrow's S3FileSystem (Parquet) and Ray Train's storage."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3, "
+                                                       "AWS_ENDPOINT_URL, else AWS)")
+    region: str | None = Field(None, description="default: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1")
+
+
 class Recipe(_Strict):
     model: ModelConfig
     calibration: DataConfig
@@ -104,12 +115,16 @@ class Recipe(_Strict):
     distributed: DistributedConfig = DistributedConfig()
     device: Literal["cpu", "cuda", "auto"] = "auto"
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's)")
+    storage: StorageConfig = StorageConfig()
+    finetune: FinetuneConfig | None = Field(None, description="recovery after every pruning step (cap-dist run)")
+    schedule: ScheduleConfig = Field(ScheduleConfig(), description="gradual pruning steps up to prune.sparsity")
 
     @property
     def hash(self) -> str:
         """sha256 of what decides the result: not where it is written, nor which engine or how many threads
         computed it (the Ray engine reproduces the single-process result)."""
-        payload = self.model_dump(mode="json", exclude={"output", "engine", "distributed", "threads"})
+        payload = self.model_dump(mode="json", exclude={"output", "engine", "distributed", "threads",
+                                                                    "storage"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -157,8 +172,10 @@ def recipe_from_dict(tree: dict[str, Any], where: str = "") -> Recipe:
 
 def load_recipe(uri: str, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe from a path or URI and apply ``key=value`` overrides."""
+    from cap_dist.storage import storage_errors
+
     try:
-        with fsspec.open(uri, "r") as f:
+        with storage_errors(uri), fsspec.open(uri, "r") as f:
             tree = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise RecipeError(f"recipe {uri} does not exist") from None

@@ -337,6 +337,9 @@ def prune(recipe: Recipe | str, overrides: list[str] | None = None, write: bool 
         raise ValueError("overrides apply to a recipe path; pass a Recipe already overridden")
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
+    from cap_dist import storage
+
+    storage.configure(recipe.storage)
     total = time.perf_counter()
     start = time.perf_counter()
     model, input_spec = load_model(recipe.model.source, recipe.model.weights, recipe.model.create_kwargs)

@@ -65,3 +65,39 @@ def ray_cluster(tmp_path_factory):
         ray.shutdown()
         if saved_home is not None:
             os.environ["HOME"] = saved_home
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One S3-compatible server (moto, child process) on 127.0.0.1 for the test run; any credentials pass."""
+    from tests.s3server import start_s3_server
+
+    server = start_s3_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A fresh bucket on the test S3 server, with AWS_ENDPOINT_URL_S3 pointing every client at it.
+
+    Yields ``s3://<bucket>``; the endpoint reaches s3fs (fsspec's defaults), pyarrow and Ray workers through
+    :mod:`cap_dist.storage`, exactly as a user's environment variable would.
+    """
+    import uuid
+
+    from cap_dist import storage
+
+    bucket = f"cap-dist-{uuid.uuid4().hex[:12]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    storage.configure()
+    try:
+        yield f"s3://{bucket}"
+    finally:
+        monkeypatch.undo()
+        storage.configure()

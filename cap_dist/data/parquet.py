@@ -84,9 +84,15 @@ class RowRecords(Sequence[ImageRecord]):
 
 
 def _arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
-    """pyarrow's native local filesystem for local paths (faster), an fsspec bridge for everything else."""
+    """pyarrow's native clients where they exist: local files, and S3 (with the configured endpoint override,
+    see :mod:`cap_dist.storage`), whose ranged row-group reads beat the fsspec bridge; the bridge otherwise."""
     if isinstance(fs, LocalFileSystem):
         return pafs.LocalFileSystem()
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if "s3" in protocols:
+        from cap_dist.storage import arrow_filesystem
+
+        return arrow_filesystem("s3://probe")[0]
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 

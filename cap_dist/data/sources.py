@@ -134,6 +134,13 @@ def open_image_dataset(uri: str, input_spec: Mapping[str, Any], **kw: Any) -> Da
     """
     uri = str(uri)
     build_image_transform(input_spec)  # a bad spec fails here, before any listing of a remote folder
+    from cap_dist.storage import storage_errors
+
+    with storage_errors(uri):
+        return _open_image_dataset(uri, input_spec, kw)
+
+
+def _open_image_dataset(uri: str, input_spec: Mapping[str, Any], kw: dict[str, Any]) -> Dataset:
     fs, path = fsspec.core.url_to_fs(uri)
     if fs.isfile(path):
         if path.lower().endswith(PARQUET_SUFFIX):

@@ -94,6 +94,9 @@ class PruneActor:
     def __init__(self, recipe: dict[str, Any], stage_names: list[str], index: int) -> None:
         self.baseline_rss_mb = _current_rss_mb()          # the runtime alone (torch, numba, ray), before any data
         self.recipe = recipe_from_dict(recipe)
+        from cap_dist import storage
+
+        storage.configure(self.recipe.storage)             # endpoint from the recipe or the driver's env_vars
         self.index = index
         self.threads = max(1, int(self.recipe.distributed.num_cpus))
         torch.set_num_threads(self.threads)              # one thread pool per reserved CPU, for torch and numba

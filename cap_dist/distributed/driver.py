@@ -97,8 +97,13 @@ def _start_actors(recipe: Recipe, plans: list[ActorPlan], attempt: int, run_id: 
     must not collide with the names of actors that are still being torn down)."""
     cfg = recipe.distributed
     remote = ray.remote(PruneActor)
+    from cap_dist.storage import worker_env
+
     options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "max_restarts": 0,
                                "name": f"cap-dist-{recipe.hash[:10]}-{run_id}-{attempt}-{{}}"}
+    env = worker_env(recipe.storage)      # actors do not inherit the driver's environment
+    if env:
+        options["runtime_env"] = {"env_vars": env}
     if cfg.memory_gb:
         options["memory"] = int(cfg.memory_gb * 2**30)
     if cfg.placement:
@@ -203,6 +208,9 @@ def prune_distributed(recipe: Recipe) -> dict[str, Any]:
         raise ValueError("prune.curvature=fisher needs whole-model backward passes; run it with engine=local")
     if recipe.distributed.actors < 1:
         raise ValueError(f"distributed.actors={recipe.distributed.actors}: need at least 1 actor")
+    from cap_dist import storage
+
+    storage.configure(recipe.storage)
     total_start = time.perf_counter()
     calibration = calibration_batches(recipe, _input_spec(recipe))
     costs, n_blocks = _stage_costs(recipe, sum(x.shape[0] for x, _ in calibration))

@@ -70,7 +70,10 @@ def load_model(source: str, weights: str | None = None,
     if weights is not None or create_kwargs:
         raise ModelLoadError(f"model.source={source!r} is a model folder; its model.json already names the "
                              "weights and kwargs (drop model.weights / model.create_kwargs)")
-    model, spec = load_model_dir(source)
+    from cap_dist.storage import storage_errors
+
+    with storage_errors(source):
+        model, spec = load_model_dir(source)
     return model, dict(spec.input)
 
 
