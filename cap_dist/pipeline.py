@@ -90,7 +90,9 @@ def _stage_hessians(run_stage: Callable[[], None], layers: dict[str, nn.Module],
     from cap_dist.models.capture import _fold_conv_input  # the one place that unfolds conv inputs
 
     if accs is None:
-        accs = {name: HessianAccumulator(layer_columns(m), float64=float64) for name, m in layers.items()}
+        # Sums live where the layer lives: on a GPU the inputs never cross to the host.
+        accs = {name: HessianAccumulator(layer_columns(m), float64=float64, device=m.weight.device)
+                for name, m in layers.items()}
     handles = []
     for name, module in layers.items():
         acc = accs[name]

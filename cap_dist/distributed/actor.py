@@ -23,8 +23,8 @@ from torch import nn
 
 from cap_dist.config import Recipe, recipe_from_dict
 from cap_dist.models.capture import flattened_weight, set_flattened_weight
-from cap_dist.pipeline import (LayerRecord, Stage, _solve_layer, _solve_stage_on_activations, _stage_hessians,
-                               model_stages, select_layers)
+from cap_dist.pipeline import (LayerRecord, Stage, _device, _solve_layer, _solve_stage_on_activations,
+                               _stage_hessians, model_stages, select_layers)
 from cap_dist.solvers import HessianAccumulator, prune_layer
 from cap_dist.storage import atomic_write_bytes, read_bytes
 
@@ -105,6 +105,11 @@ class PruneActor:
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
         start = time.perf_counter()
         self.model, _ = load_shard(self.recipe, stage_names)
+        # A GPU reserved with distributed.num_gpus is visible here (Ray sets CUDA_VISIBLE_DEVICES); recipe.device
+        # auto/cuda then puts the shard, its Hessians and its solves on it. Activations travel between actors
+        # and the driver on the host.
+        self.device = _device(self.recipe.device)
+        _materialised_to(self.model, self.device)
         self.load_seconds = time.perf_counter() - start
         layers = select_layers(self.recipe, self.model)
         self.stages: list[Stage] = [s for s in model_stages(self.model, layers, None) if s.name in stage_names]
@@ -119,7 +124,7 @@ class PruneActor:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dense pass of one batch through this shard, folding every layer's input into its Hessian."""
         start = time.perf_counter()
-        holder: list[torch.Tensor] = [x]
+        holder: list[torch.Tensor] = [x.to(self.device)]
 
         def run() -> None:
             h = holder[0]
@@ -129,7 +134,7 @@ class PruneActor:
 
         self.accs = _stage_hessians(run, self.layers, self.recipe.prune.float64_hessians, self.accs)
         self.calibrate_seconds += time.perf_counter() - start
-        return holder[0]
+        return holder[0].cpu()
 
     def layer_names(self) -> list[str]:
         return list(self.layers)
@@ -162,7 +167,7 @@ class PruneActor:
 
     def _write(self, record: LayerRecord) -> None:
         module = self.layers[record.layer]
-        w = flattened_weight(module).contiguous()
+        w = flattened_weight(module).detach().cpu().contiguous()
         meta = {"record": json.dumps({**dataclasses.asdict(record), "recipe_hash": self.recipe.hash})}
         atomic_write_bytes(layer_file(self.recipe.output, record.layer),
                            safetensors_save({"weight": w, "mask": (w != 0)}, meta))
@@ -186,7 +191,7 @@ class PruneActor:
         import ray
 
         # The first actor gets the driver's list of batch references (nested refs are not resolved for us).
-        hidden = [ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in inputs]
+        hidden = [(ray.get(x) if isinstance(x, ray.ObjectRef) else x).to(self.device) for x in inputs]
         timings = {"calibrate": 0.0, "solve": 0.0}
         for stage in self.stages:
             if stage.layers:
@@ -201,7 +206,7 @@ class PruneActor:
                 hidden = [stage.run(h) for h in hidden]
         self.calibrate_seconds += timings["calibrate"]
         self.solve_seconds += timings["solve"]
-        return hidden
+        return [h.cpu() for h in hidden]
 
     # -- results -------------------------------------------------------------------------------------
 
@@ -224,6 +229,21 @@ class PruneActor:
 
     def get_records(self) -> list[dict[str, Any]]:
         return [dataclasses.asdict(self.records[n]) for n in self.layers if n in self.records]
+
+
+def _materialised_to(model: nn.Module, device: torch.device) -> None:
+    """Move the parameters and buffers this shard holds to ``device``; the meta placeholders of other shards'
+    blocks stay (a meta tensor cannot be copied anywhere)."""
+    if device.type == "cpu":
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            for key, param in module._parameters.items():
+                if param is not None and not param.is_meta:
+                    module._parameters[key] = nn.Parameter(param.to(device), requires_grad=param.requires_grad)
+            for key, buf in module._buffers.items():
+                if buf is not None and not buf.is_meta:
+                    module._buffers[key] = buf.to(device)
 
 
 def _current_rss_mb() -> float:
