@@ -61,6 +61,8 @@ class PruneConfig(_Strict):
     true_sequential: bool = Field(True, description="sequential mode: inside a block, calibrate each layer on the "
                                                     "outputs of the block's layers pruned before it")
     float64_hessians: bool = True
+    keep_zeros: bool = Field(True, description="weights already exactly zero stay pruned (gradual pruning keeps "
+                                               "earlier masks; OBS updates never revive them)")
 
     @field_validator("pattern", mode="before")
     @classmethod

@@ -145,12 +145,30 @@ def _fisher(model: nn.Module, layers: dict[str, nn.Module], batches: list[Batch]
 # Solving
 
 
+def prior_mask_of(weight: torch.Tensor, recipe: Recipe) -> torch.Tensor | None:
+    """The weights that must stay pruned: those already exactly zero (the masks of earlier gradual steps),
+    unless ``prune.keep_zeros`` is off; None when there are none."""
+    if not recipe.prune.keep_zeros:
+        return None
+    prior = weight == 0
+    return prior if bool(prior.any()) else None
+
+
+def level_with_prior(sparsity: float, prior: torch.Tensor | None, recipe: Recipe) -> float:
+    """A layer's target never drops below what it already has (global allocation may ask for less)."""
+    if prior is None or parse_pattern(recipe.prune.pattern).structured:
+        return sparsity
+    return max(sparsity, float(prior.float().mean()))
+
+
 def _solve_layer(name: str, stage: str, module: nn.Module, curvature: torch.Tensor, recipe: Recipe,
                  sparsity: float) -> LayerRecord:
     cfg = recipe.prune
     weight = flattened_weight(module).clone().float()
+    prior = prior_mask_of(weight, recipe)
+    sparsity = level_with_prior(sparsity, prior, recipe)
     res = prune_layer(weight, curvature.to(weight.device, torch.float32), method=cfg.method, sparsity=sparsity,
-                      pattern=cfg.pattern, block_size=cfg.block_size, damp=cfg.damp)
+                      pattern=cfg.pattern, block_size=cfg.block_size, damp=cfg.damp, prior_mask=prior)
     set_flattened_weight(module, res.weight)
     return LayerRecord(layer=name, stage=stage, rows=weight.shape[0], columns=weight.shape[1], numel=weight.numel(),
                        target_sparsity=sparsity, sparsity=res.sparsity, loss=res.loss, rel_error=res.relative_error,
@@ -237,8 +255,10 @@ def _global_levels(recipe: Recipe, model: nn.Module, layers: dict[str, nn.Module
     curves: dict[str, LossCurve] = {}
     for name, module in tqdm(layers.items(), desc="loss curves", unit="layer", leave=False):
         weight = flattened_weight(module).clone().float()
-        res = prune_layer(weight, dense_curvature[name].float(), method="cap", sparsity=cfg.sparsity,
-                          block_size=cfg.block_size, damp=cfg.damp, max_row_sparsity=depth)
+        prior = prior_mask_of(weight, recipe)
+        res = prune_layer(weight, dense_curvature[name].float(), method="cap",
+                          sparsity=level_with_prior(cfg.sparsity, prior, recipe), block_size=cfg.block_size,
+                          damp=cfg.damp, max_row_sparsity=depth, prior_mask=prior)
         curves[name] = res.curve
     return allocate_global(curves, cfg.sparsity, normalize=cfg.curvature == "activations",
                            max_layer_sparsity=cfg.max_layer_sparsity)

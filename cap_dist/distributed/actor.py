@@ -24,7 +24,7 @@ from torch import nn
 from cap_dist.config import Recipe, recipe_from_dict
 from cap_dist.models.capture import flattened_weight, set_flattened_weight
 from cap_dist.pipeline import (LayerRecord, Stage, _device, _solve_layer, _solve_stage_on_activations,
-                               _stage_hessians, model_stages, select_layers)
+                               _stage_hessians, level_with_prior, model_stages, prior_mask_of, select_layers)
 from cap_dist.solvers import HessianAccumulator, prune_layer
 from cap_dist.storage import atomic_write_bytes, read_bytes
 
@@ -144,9 +144,11 @@ class PruneActor:
         cfg = self.recipe.prune
         curves = {}
         for name, module in self.layers.items():
-            res = prune_layer(flattened_weight(module).clone().float(), self.accs[name].hessian().float(),
-                              method="cap", sparsity=cfg.sparsity, block_size=cfg.block_size, damp=cfg.damp,
-                              max_row_sparsity=max_row_sparsity)
+            weight = flattened_weight(module).clone().float()
+            prior = prior_mask_of(weight, self.recipe)
+            res = prune_layer(weight, self.accs[name].hessian().float(), method="cap",
+                              sparsity=level_with_prior(cfg.sparsity, prior, self.recipe), block_size=cfg.block_size,
+                              damp=cfg.damp, max_row_sparsity=max_row_sparsity, prior_mask=prior)
             curves[name] = res.curve
         return curves
 

@@ -31,9 +31,31 @@ __all__ = ["DEFAULT_CAP_BLOCK", "METHODS", "FisherAccumulator", "HessianAccumula
            "allocate_global", "allocate_uniform", "is_valid_n_m", "parse_pattern", "prune_layer"]
 
 
+def _check_prior(prior_mask: torch.Tensor | None, weight: torch.Tensor, sparsity: float, pat: Pattern,
+                 fisher: bool) -> torch.Tensor | None:
+    """The prior mask as bool on the weight's device, or None when nothing is pruned yet."""
+    if prior_mask is None:
+        return None
+    if tuple(prior_mask.shape) != tuple(weight.shape):
+        raise ValueError(f"prior_mask has shape {tuple(prior_mask.shape)}; the weight is {tuple(weight.shape)}")
+    prior = prior_mask.to(device=weight.device, dtype=torch.bool)
+    if not bool(prior.any()):
+        return None
+    if fisher:
+        raise ValueError(f"{int(prior.sum())} weights are already zero and must stay pruned (prior_mask), which "
+                         "needs activation curvature: set prune.curvature=activations, or prune.keep_zeros=false "
+                         "to let Fisher curvature treat them as ordinary weights")
+    fraction = float(prior.float().mean())
+    if not pat.structured and fraction > sparsity + 1e-9:
+        raise ValueError(f"{fraction:.2%} of the weights are already pruned, more than the target "
+                         f"sparsity={sparsity:.2%}; gradual pruning only adds zeros")
+    return prior
+
+
 def prune_layer(weight: torch.Tensor, hessian: torch.Tensor, *, method: str, sparsity: float,
                 pattern: str = "unstructured", block_size: int | None = None, damp: float = 0.01,
-                backend: str = "auto", max_row_sparsity: float | None = None) -> LayerResult:
+                backend: str = "auto", max_row_sparsity: float | None = None,
+                prior_mask: torch.Tensor | None = None) -> LayerResult:
     """Prune one layer.
 
     Args:
@@ -48,6 +70,9 @@ def prune_layer(weight: torch.Tensor, hessian: torch.Tensor, *, method: str, spa
         backend: ``cap`` inner loop: ``auto`` (numba on CPU, torch elsewhere), ``numba``, ``torch``.
         max_row_sparsity: ``cap``: deepest fraction of a block any row may lose (the greedy's early
             stop; default halfway between the target and 1).
+        prior_mask: bool ``[out, in]``, True where a weight is already pruned and must stay pruned (the
+            masks of earlier steps of gradual pruning). Every method removes these first; the target
+            ``sparsity`` must be at least their fraction.
 
     Returns:
         A :class:`LayerResult` on the device of ``weight``.
@@ -65,20 +90,26 @@ def prune_layer(weight: torch.Tensor, hessian: torch.Tensor, *, method: str, spa
     if hessian.device != weight.device:
         raise ValueError(f"weight is on {weight.device} but hessian on {hessian.device}; put both on one device")
     fisher = hessian.ndim == 3
+    prior = _check_prior(prior_mask, weight, sparsity, pat, fisher)
     start = time.perf_counter()
     if method == "cap":
         if fisher:
             out = cap_fisher(weight, hessian, sparsity, pat, damp, backend, max_row_sparsity)
         else:
-            out = cap_activation(weight, hessian, sparsity, pat, block_size, damp, backend, max_row_sparsity)
+            out = cap_activation(weight, hessian, sparsity, pat, block_size, damp, backend, max_row_sparsity,
+                                 prior)
     elif method == "sparsegpt":
-        out = baselines.sparsegpt(weight, hessian, sparsity, pat, damp, block_size or DEFAULT_SPARSEGPT_BLOCK)
+        out = baselines.sparsegpt(weight, hessian, sparsity, pat, damp, block_size or DEFAULT_SPARSEGPT_BLOCK,
+                                  prior)
     elif method == "obs":
-        out = baselines.obs_oneshot(weight, hessian, sparsity, pat, damp)
+        out = baselines.obs_oneshot(weight, hessian, sparsity, pat, damp, prior)
     elif method == "wanda":
-        out = baselines.wanda(weight, hessian, sparsity, pat)
+        out = baselines.wanda(weight, hessian, sparsity, pat, prior)
     else:
-        out = baselines.magnitude(weight, sparsity, pat)
+        out = baselines.magnitude(weight, sparsity, pat, prior)
+    if prior is not None and bool((out["mask"] & prior).any()):
+        raise RuntimeError(f"{method} kept {int((out['mask'] & prior).sum())} weights that were already pruned; "
+                           "this is a bug in cap-dist, please report it")
     seconds = time.perf_counter() - start
     pruned = out["weight"].to(weight.dtype)
     exact = torch.float64 if weight.dtype == torch.float64 else torch.float32

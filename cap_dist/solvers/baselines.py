@@ -26,13 +26,21 @@ def _lowest_counts_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.
     return ranks >= counts.unsqueeze(1)
 
 
-def _select(scores: torch.Tensor, sparsity: float, pattern: Pattern, per_row: bool) -> torch.Tensor:
+def _select(scores: torch.Tensor, sparsity: float, pattern: Pattern, per_row: bool,
+            prior: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep-mask from scores; ``prior`` (True = already pruned) positions score -inf, so they go first (a
+    row that already holds more than its share keeps all of its zeros and removes nothing else)."""
+    if prior is not None:
+        scores = torch.where(prior, torch.full_like(scores, -torch.inf), scores)
     if pattern.structured:
         return n_m_mask(scores, pattern)
     total = prune_count(scores.numel(), sparsity)
     if per_row:
-        return _lowest_counts_per_row(scores, _per_row_counts(scores.shape[0], total, scores.device))
-    return lowest_k_mask(scores, total)
+        counts = _per_row_counts(scores.shape[0], total, scores.device)
+        if prior is not None:
+            counts = torch.maximum(counts, prior.sum(1))
+        return _lowest_counts_per_row(scores, counts)
+    return lowest_k_mask(scores, max(total, int(prior.sum())) if prior is not None else total)
 
 
 def _result(weight: torch.Tensor, keep: torch.Tensor, scores: torch.Tensor, info: dict) -> dict:
@@ -40,13 +48,14 @@ def _result(weight: torch.Tensor, keep: torch.Tensor, scores: torch.Tensor, info
                 curve=None, info=info)
 
 
-def magnitude(weight: torch.Tensor, sparsity: float, pattern: Pattern) -> dict:
+def magnitude(weight: torch.Tensor, sparsity: float, pattern: Pattern, prior: torch.Tensor | None = None) -> dict:
     """Remove the smallest |w| of the layer (per group of M for N:M)."""
     scores = weight.abs().float()
-    return _result(weight, _select(scores, sparsity, pattern, per_row=False), scores, {})
+    return _result(weight, _select(scores, sparsity, pattern, per_row=False, prior=prior), scores, {})
 
 
-def wanda(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern) -> dict:
+def wanda(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern,
+          prior: torch.Tensor | None = None) -> dict:
     """Wanda (Sun et al. 2023): score |w_ij|·‖x_j‖, compared within each output row, no update.
 
     ‖x_j‖ ∝ √H_jj for H = 2/N XXᵀ (the constant factor does not change the order).
@@ -54,11 +63,11 @@ def wanda(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern:
     if hessian.ndim != 2:
         raise ValueError("wanda needs input-activation curvature (an [in, in] Hessian), not Fisher blocks")
     scores = weight.abs().float() * torch.sqrt(torch.diagonal(hessian).float().clamp_min(0)).unsqueeze(0)
-    return _result(weight, _select(scores, sparsity, pattern, per_row=True), scores, {})
+    return _result(weight, _select(scores, sparsity, pattern, per_row=True, prior=prior), scores, {})
 
 
 def obs_oneshot(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern,
-                damp: float) -> dict:
+                damp: float, prior: torch.Tensor | None = None) -> dict:
     """One-shot OBS (WoodFisher / oBERT): score every weight once against the dense H⁻¹,
     ρ_p = w_p² / (2[H⁻¹]_pp), remove the lowest, and apply the *summed* single-weight updates
         δw = −Σ_{p∈P} (w_p / [H⁻¹]_pp) · H⁻¹[:, p],
@@ -72,20 +81,20 @@ def obs_oneshot(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pa
         flat = w.reshape(n_blocks, width)
         diag = torch.diagonal(hinv, dim1=1, dim2=2)
         scores = (flat * flat / (2 * diag)).reshape(w.shape)
-        keep = _select(scores, sparsity, pattern, per_row=False)
+        keep = _select(scores, sparsity, pattern, per_row=False, prior=prior)
         pruned = (~keep).reshape(n_blocks, width).to(work)
         delta = -torch.einsum("bp,bpq->bq", pruned * flat / diag, hinv).reshape(w.shape)
     else:
         diag = torch.diagonal(hinv)
         scores = w * w / (2 * diag.unsqueeze(0))
-        keep = _select(scores, sparsity, pattern, per_row=False)
+        keep = _select(scores, sparsity, pattern, per_row=False, prior=prior)
         delta = -((~keep).to(work) * w / diag.unsqueeze(0)) @ hinv
     info = dict(damp_used=fac.damp_used, escalations=fac.escalations, dead_inputs=fac.dead_inputs)
     return _result(w + delta, keep, scores, info)
 
 
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern, damp: float,
-              block_size: int = 128) -> dict:
+              block_size: int = 128, prior: torch.Tensor | None = None) -> dict:
     """SparseGPT (Frantar & Alistarh 2023): one left-to-right column sweep with U = chol(H⁻¹)ᵀ.
 
     Masks are chosen per block of ``block_size`` columns from w² / U_jj² (the block's exact share
@@ -109,15 +118,22 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, patt
         u1 = u[j0:j1, j0:j1]
         d1 = torch.diagonal(u1)
         err = torch.zeros_like(w1)
+        prior1 = prior[:, j0:j1] if prior is not None else None
         if pattern.structured:
             keep1 = torch.ones_like(w1, dtype=torch.bool)
         else:
             share = prune_count(rows * j1, sparsity) - removed
-            keep1 = lowest_k_mask(w1 * w1 / (d1 * d1).unsqueeze(0), share)
+            scores = w1 * w1 / (d1 * d1).unsqueeze(0)
+            if prior1 is not None:                                  # earlier masks go first
+                share = max(share, int(prior1.sum()))
+                scores = torch.where(prior1, torch.full_like(scores, -torch.inf), scores)
+            keep1 = lowest_k_mask(scores, share)
             removed += share
         for i in range(j1 - j0):
             if pattern.structured and i % pattern.m == 0:
                 group = w1[:, i:i + pattern.m] ** 2 / (d1[i:i + pattern.m] ** 2).unsqueeze(0)
+                if prior1 is not None:
+                    group = torch.where(prior1[:, i:i + pattern.m], torch.full_like(group, -torch.inf), group)
                 keep1[:, i:i + pattern.m] = n_m_mask(group, pattern)
             col = w1[:, i]
             q = col * keep1[:, i]

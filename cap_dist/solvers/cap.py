@@ -73,16 +73,32 @@ class _CurveAccumulator:
         return LossCurve(self.fractions.clone(), self.loss.clone(), energy, self.numel)
 
 
+def _forced_prefix(prior_block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the columns that must be removed first (ascending), padded with the others; and their count."""
+    prefix = torch.argsort((~prior_block).to(torch.int8), dim=1, stable=True)
+    return prefix, prior_block.sum(1)
+
+
 def cap_activation(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern,
                    block_size: int | None, damp: float, backend: str = "auto",
-                   max_row_sparsity: float | None = None) -> dict:
-    """CAP with an input Hessian [in, in]; returns the fields of a LayerResult (without energy)."""
+                   max_row_sparsity: float | None = None, prior: torch.Tensor | None = None) -> dict:
+    """CAP with an input Hessian [in, in]; returns the fields of a LayerResult (without energy).
+
+    ``prior`` (bool [out, in], True = already pruned): weights that must end pruned (gradual pruning keeps
+    earlier masks). In every block each row removes its prior weights first, with the same exact OBS
+    updates (they are ~0 but the compensation of earlier blocks may have moved them), then continues
+    greedily; the ranking across rows takes all forced removals before any free one."""
     rows, cols = weight.shape
     width = cols if block_size is None else min(block_size, cols)
     if pattern.structured and width % pattern.m:
         raise ValueError(f"block_size={block_size} must be a multiple of M={pattern.m} for pattern {pattern}")
     search, replay, backend = _kernels(backend, weight.device)
     dev = weight.device
+    if prior is not None and pattern.structured:
+        over = prior.reshape(rows, cols // pattern.m, pattern.m).sum(-1) > pattern.n_prune
+        if bool(over.any()):
+            raise ValueError(f"the weights already pruned break pattern {pattern}: some groups of {pattern.m} "
+                             f"have more than {pattern.n_prune} zeros")
     work = weight.dtype if weight.dtype == torch.float64 else torch.float32
     t0 = time.perf_counter()
     fac = cholesky_inverse_escalating(hessian, damp, work_dtype=work)
@@ -102,18 +118,29 @@ def cap_activation(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
         u_bb = u[j0:j1, j0:j1]
         hinv_bb = (u_bb.T @ u_bb).unsqueeze(0)                             # (1): [1, b, b]
         block = w[:, j0:j1]
+        prefix = n_pre = None
+        if prior is not None and bool(prior[:, j0:j1].any()):
+            prefix, n_pre = _forced_prefix(prior[:, j0:j1])
         if pattern.structured:
             depth = b // pattern.m * pattern.n_prune
-            order, step = search(block, hinv_bb, zeros_which, depth, pattern.m, pattern.n_prune)
+            order, step = search(block, hinv_bb, zeros_which, depth, pattern.m, pattern.n_prune,
+                                 prefix=prefix, prefix_counts=n_pre)
             order, step = order.to(dev), step.to(dev)
             counts = torch.full((rows,), depth, dtype=torch.long, device=dev)
         else:
             share = prune_count(rows * j1, sparsity) - removed             # exact cumulative share
-            depth = min(b, max(search_depth(b, sparsity, max_row_sparsity), math.ceil(share / rows)))
-            order, step = search(block, hinv_bb, zeros_which, depth)
+            forced_total = int(n_pre.sum()) if n_pre is not None else 0
+            share = max(share, forced_total)
+            depth = min(b, max(search_depth(b, sparsity, max_row_sparsity), math.ceil(share / rows),
+                               int(n_pre.max()) if n_pre is not None else 0))
+            order, step = search(block, hinv_bb, zeros_which, depth, prefix=prefix, prefix_counts=n_pre)
             order, step = order.to(dev), step.to(dev)
-            ranked = removal_order(step)
-            counts = allocate_rows(step, share, ranked)
+            key = step
+            if n_pre is not None:                                           # forced removals rank first
+                forced = torch.arange(depth, device=dev).unsqueeze(0) < n_pre.to(dev).unsqueeze(1)
+                key = torch.where(forced, torch.full_like(step, -math.inf), step)
+            ranked = removal_order(key)
+            counts = allocate_rows(key, share, ranked)
             curve.add_block(step, ranked, rows * b)
         removed += int(counts.sum())
         new_block = replay(block, hinv_bb, zeros_which, order, counts).to(device=dev, dtype=work)

@@ -17,7 +17,9 @@ Two interchangeable kernels:
 
 Both return the removal order and per-step losses; with ``forced`` they replay a recorded order
 to a per-row depth (CAP chooses the depth of every row only after all rows have been searched)
-and return the final weights.
+and return the final weights.  A search may start with a given prefix per row (``prefix`` /
+``prefix_counts``: weights that must go first, e.g. those pruned at an earlier step of gradual
+pruning); they are removed with the same exact OBS updates, then the greedy continues.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import torch
 
 
 @numba.njit(parallel=True, cache=True)
-def _greedy_kernel(weights, hinv, which, depth, group, group_prune, order, step_loss, counts, forced, out):
+def _greedy_kernel(weights, hinv, which, depth, group, group_prune, order, step_loss, counts, forced, out,
+                   prefix_counts):
     rows, width = weights.shape
     for r in numba.prange(rows):
         h = hinv[which[r]]
@@ -45,7 +48,7 @@ def _greedy_kernel(weights, hinv, which, depth, group, group_prune, order, step_
         steps = counts[r] if forced else depth
         c = np.empty(width, dtype=weights.dtype)
         for t in range(steps):
-            if forced:
+            if forced or t < prefix_counts[r]:
                 p = order[r, t]
             else:
                 best = np.inf
@@ -88,7 +91,8 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def greedy_numba(weights: torch.Tensor, hinv: torch.Tensor, which: torch.Tensor, depth: int,
-                 group: int = 0, group_prune: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 group: int = 0, group_prune: int = 0, prefix: torch.Tensor | None = None,
+                 prefix_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy OBS search of every row to ``depth`` removals (CPU, compiled).
 
     Args:
@@ -98,18 +102,34 @@ def greedy_numba(weights: torch.Tensor, hinv: torch.Tensor, which: torch.Tensor,
         depth: removals per row.
         group, group_prune: N:M — at most ``group_prune`` removals in every ``group`` consecutive
             weights (``group=0``: unstructured).
+        prefix, prefix_counts: row r first removes ``prefix[r, :prefix_counts[r]]`` (``[R, ≥max count]``
+            int64 and ``[R]``), in that order, then continues greedily.
 
     Returns:
         order ``[R, depth]`` (int64) and step losses ``[R, depth]``.
     """
     w = _as_numpy(weights)
     rows = w.shape[0]
-    order = np.zeros((rows, depth), dtype=np.int64)
+    order, pre = _prefix_arrays(rows, depth, prefix, prefix_counts)
     step = np.zeros((rows, depth), dtype=w.dtype)
     counts = np.zeros(rows, dtype=np.int64)
     _greedy_kernel(w, _as_numpy(hinv.to(weights.dtype)), _as_numpy(which.long()), depth, group, group_prune,
-                   order, step, counts, False, np.empty((1, 1), dtype=w.dtype))
+                   order, step, counts, False, np.empty((1, 1), dtype=w.dtype), pre)
     return torch.from_numpy(order), torch.from_numpy(step)
+
+
+def _prefix_arrays(rows: int, depth: int, prefix: torch.Tensor | None,
+                   prefix_counts: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's order buffer pre-filled with the forced prefixes, and their lengths."""
+    order = np.zeros((rows, depth), dtype=np.int64)
+    if prefix is None:
+        return order, np.zeros(rows, dtype=np.int64)
+    pre = _as_numpy(prefix_counts.long()).copy()
+    if pre.size and int(pre.max()) > depth:
+        raise ValueError(f"a row must first remove {int(pre.max())} weights but the search depth is {depth}")
+    width = min(depth, prefix.shape[1])
+    order[:, :width] = _as_numpy(prefix.long())[:, :width]
+    return order, pre
 
 
 def replay_numba(weights: torch.Tensor, hinv: torch.Tensor, which: torch.Tensor, order: torch.Tensor,
@@ -118,12 +138,14 @@ def replay_numba(weights: torch.Tensor, hinv: torch.Tensor, which: torch.Tensor,
     w = _as_numpy(weights)
     out = np.empty_like(w)
     _greedy_kernel(w, _as_numpy(hinv.to(weights.dtype)), _as_numpy(which.long()), order.shape[1], 0, 0,
-                   _as_numpy(order.long()), np.empty((1, 1), dtype=w.dtype), _as_numpy(counts.long()), True, out)
+                   _as_numpy(order.long()), np.empty((1, 1), dtype=w.dtype), _as_numpy(counts.long()), True, out,
+                   np.zeros(w.shape[0], dtype=np.int64))
     return torch.from_numpy(out)
 
 
 def _torch_steps(weights: torch.Tensor, hinv: torch.Tensor, which: torch.Tensor, depth: int, group: int,
-                 group_prune: int, order: torch.Tensor | None, counts: torch.Tensor | None):
+                 group_prune: int, order: torch.Tensor | None, counts: torch.Tensor | None,
+                 prefix: torch.Tensor | None = None, prefix_counts: torch.Tensor | None = None):
     rows, width = weights.shape
     h = hinv[which].clone()                                   # [R, B, B]
     w = weights.clone()                                       # [R, B]
@@ -144,6 +166,8 @@ def _torch_steps(weights: torch.Tensor, hinv: torch.Tensor, which: torch.Tensor,
             score = torch.where(allowed, w * w / torch.where(allowed, diag, torch.ones_like(diag)),
                                 torch.full_like(w, math.inf))
             p = torch.argmin(score, dim=1)
+            if prefix is not None and t < prefix.shape[1]:
+                p = torch.where(t < prefix_counts, prefix[:, t], p)
             active = torch.ones(rows, dtype=torch.bool, device=w.device)
         d = diag[idx, p]
         d = torch.where(active, d, torch.ones_like(d))
@@ -166,10 +190,16 @@ def _row_chunks(rows: int, width: int, itemsize: int, budget_bytes: int = 256 <<
 
 
 def greedy_torch(weights: torch.Tensor, hinv: torch.Tensor, which: torch.Tensor, depth: int,
-                 group: int = 0, group_prune: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 group: int = 0, group_prune: int = 0, prefix: torch.Tensor | None = None,
+                 prefix_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`greedy_numba`, batched in torch (rows chunked to bound memory)."""
+    if prefix is not None and prefix_counts.numel() and int(prefix_counts.max()) > depth:
+        raise ValueError(f"a row must first remove {int(prefix_counts.max())} weights but the search depth is "
+                         f"{depth}")
     chunk = _row_chunks(*weights.shape, weights.element_size())
-    parts = [_torch_steps(weights[i:i + chunk], hinv, which[i:i + chunk], depth, group, group_prune, None, None)
+    parts = [_torch_steps(weights[i:i + chunk], hinv, which[i:i + chunk], depth, group, group_prune, None, None,
+                          None if prefix is None else prefix[i:i + chunk].to(weights.device),
+                          None if prefix is None else prefix_counts[i:i + chunk].to(weights.device))
              for i in range(0, weights.shape[0], chunk)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
