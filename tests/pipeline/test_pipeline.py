@@ -169,4 +169,27 @@ def test_output_and_weights_through_an_fsspec_uri(workdir: Path) -> None:
     assert manifest["recipe_hash"] == recipe.hash
     torch.testing.assert_close(model.blocks[0].mlp.fc1.weight, report.model.blocks[0].mlp.fc1.weight)
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/runs/vit-50", detail=False)) == [
-        "model.safetensors", "report.parquet", "sparsity.json"]
+        "model.json", "model.safetensors", "report.parquet", "sparsity.json"]
+
+
+@pytest.mark.parametrize("method", ["cap", "sparsegpt"])
+def test_an_output_is_a_model_source_and_pruning_it_again_keeps_its_zeros(workdir: Path, method: str) -> None:
+    """Gradual pruning's prune half: step 2 starts from step 1's output folder (its model.json) and only adds
+    zeros; the OBS updates of step 2 never revive a weight step 1 removed."""
+    from cap_dist.models.loading import load_model
+
+    first = recipe_from_dict(recipe_tree(workdir, method=method, sparsity=0.4))
+    prune(first)
+    dense_first, _ = load_model(first.output)                      # the output loads as a plain model folder
+    step1, _ = load_sparse(first.output)
+    for name, tensor in step1.state_dict().items():
+        assert torch.equal(dense_first.state_dict()[name], tensor)
+    tree = recipe_tree(workdir, method=method, sparsity=0.7)
+    tree["model"] = {"source": first.output}
+    tree["output"] = str(workdir / "out" / f"chained-{method}")
+    second = prune(recipe_from_dict(tree))
+    assert second.sparsity == pytest.approx(0.7, abs=1e-3)
+    for name, module in step1.named_modules():
+        if name in {r.layer for r in second.layers}:
+            was_zero = module.weight == 0
+            assert bool((second.model.get_submodule(name).weight[was_zero] == 0).all()), name

@@ -77,7 +77,7 @@ def test_prune_pipeline_reads_and_writes_s3(assets_on_s3: str, tmp_path: Path) -
     assert [r["layer"] for r in read_report(f"{root}/out")] == [r.layer for r in report.layers]
     fs = storage.fsspec.filesystem("s3")
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/out".removeprefix("s3://")))
-    assert names == ["model.safetensors", "report.parquet", "sparsity.json"]      # no temporary keys left
+    assert names == ["model.json", "model.safetensors", "report.parquet", "sparsity.json"]   # no temporary keys
 
     # The same recipe on local copies of the same bytes gives bit-identical weights: S3 changes nothing.
     local = tmp_path / "assets"
