@@ -14,6 +14,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export AWS_EC2_METADATA_DISABLED := true
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S := 0.2
 export RAY_TRAIN_ENABLE_PREEMPTION_WATCHER := 0
+export GLOO_SOCKET_IFNAME := lo
 
 .PHONY: venv test test-all demo bench bench-oneshot clean
 

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cap_dist.config import DataConfig, load_recipe  # noqa: E402
+from cap_dist.config import load_recipe  # noqa: E402
 from cap_dist.data.draw import draw_batches  # noqa: E402
 from cap_dist.eval import evaluate_model  # noqa: E402
 from cap_dist.models.loading import load_model  # noqa: E402

@@ -2,6 +2,7 @@
 
     cap-dist prune --config jobs/vit4mnist.yaml prune.sparsity=0.75 output=runs/vit4mnist-75
     cap-dist eval runs/vit4mnist-75 --data ../shared/data/mnist --subset 512 10000
+    cap-dist finetune --config jobs/vit4mnist.yaml --student runs/vit4mnist-75 finetune.epochs=2
     cap-dist layers ../shared/models/vit4mnist
     cap-dist solve --weight layer.safetensors --hessian layer.safetensors --method cap --sparsity 0.5 \
                    --block-size 128 --out pruned.safetensors
@@ -65,6 +66,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from cap_dist.pipeline import prune
 
     recipe = load_recipe(args.config, args.overrides)
+    if recipe.schedule.steps > 1:
+        raise ValueError(f"the recipe's schedule has {recipe.schedule.steps} steps: gradual pruning (prune, finetune, "
+                         "repeat) runs with `cap-dist run`; `cap-dist prune` prunes once to prune.sparsity")
     if recipe.engine == "local":
         report = prune(recipe)
         layers, sparsity, seconds = len(report.layers), report.sparsity, report.timings["total"]
@@ -115,6 +119,39 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    """Finetune a pruning output on Ray Train as the recipe's finetune section says; the output goes to
+    --output, by default beside the student as <student>-finetuned."""
+    from cap_dist.config import load_recipe
+    from cap_dist.finetune.trainer import default_output, finetune
+
+    recipe = load_recipe(args.config, args.overrides)
+    output = args.output or default_output(args.student)
+    summary = finetune(recipe, args.student, output, step_index=args.step_index)
+    metrics = summary.get("metrics") or {}
+    top1 = f", eval top-1 {metrics['eval_top1']:.2%}" if metrics.get("eval_top1") is not None else ""
+    print(f"wrote {output}: {summary['steps']} steps in {summary['epochs']} epochs at {summary['sparsity']:.2%} "
+          f"sparsity{top1} (run {summary['run_name']}, {summary['attempts']} attempt(s))")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """Gradual pruning: prune and finetune along the recipe's schedule up to prune.sparsity."""
+    from cap_dist.config import load_recipe
+    from cap_dist.finetune.gradual import run_gradual
+
+    recipe = load_recipe(args.config, args.overrides)
+    summary = run_gradual(recipe)
+    for row in summary["steps"]:
+        top1 = (row.get("finetune") or {}).get("eval_top1")
+        print(f"step {row['step']}: {row['sparsity']:.2%} sparsity, prune {row['prune_seconds']:.0f} s"
+              f"{' (reused)' if row['prune_reused'] else ''}, finetune {row['finetune_seconds']:.0f} s"
+              f"{' (reused)' if row['finetune_reused'] else ''}"
+              + (f", eval top-1 {top1:.2%}" if top1 is not None else ""))
+    print(f"final model: {summary['final']} ({len(summary['steps'])} steps in {summary['seconds']:.0f} s)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cap_dist.demo import run_demo
 
@@ -132,6 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--config", required=True, help="recipe YAML (path or URI)")
     prune.add_argument("overrides", nargs="*", help="key=value overrides, e.g. prune.sparsity=0.75")
     prune.set_defaults(func=_cmd_prune)
+
+    tune = sub.add_parser("finetune", help="recover a pruned model's accuracy: Ray Train + FSDP2, masks kept, "
+                                           "distillation from the dense model")
+    tune.add_argument("--config", required=True, help="recipe YAML with a finetune section (path or URI)")
+    tune.add_argument("--student", required=True, help="pruning output folder or URI to finetune")
+    tune.add_argument("--output", help="where to write the finetuned model (default: <student>-finetuned)")
+    tune.add_argument("--step-index", type=int, default=0, help="pruning step this run recovers (run name)")
+    tune.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.epochs=3")
+    tune.set_defaults(func=_cmd_finetune)
+
+    run = sub.add_parser("run", help="gradual pruning: prune, finetune, prune further ... along the recipe's "
+                                     "schedule (one-shot + finetune with schedule.steps=1)")
+    run.add_argument("--config", required=True, help="recipe YAML with finetune and schedule sections")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. schedule.steps=3")
+    run.set_defaults(func=_cmd_run)
 
     evaluate = sub.add_parser("eval", help="evaluate a pruned output against its dense model")
     evaluate.add_argument("output", help="pruning output folder or URI")
@@ -178,11 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     storage.configure()     # AWS_ENDPOINT_URL(_S3) reaches the recipe read too; the recipe's storage section follows
     try:
         return args.func(args)
-    except (ValueError, ImportError, OSError) as exc:
+    except (ValueError, ImportError, OSError) as exc:       # bad input: what was wrong and what to do
         if args.verbose:
             raise
         print(f"cap-dist {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:                               # a run that failed (actors lost, training failed)
+        if args.verbose:
+            raise
+        print(f"cap-dist {args.command}: failed: {exc} (rerun with -v for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ LOCAL_ONLY = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     # No model hub traffic from tests: a hub lookup fails at once instead of reaching out.
     "HF_HUB_OFFLINE": "1",
+    # torch.distributed's gloo (FSDP2 on CPU, Ray Train workers) binds to loopback, not the external interface.
+    "GLOO_SOCKET_IFNAME": "lo",
 }
 for key, value in LOCAL_ONLY.items():
     os.environ[key] = value

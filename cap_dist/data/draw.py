@@ -15,6 +15,20 @@ from cap_dist.data import sample_indices
 Batch = tuple[torch.Tensor, torch.Tensor | None]
 
 
+def draw_indices(cfg: Any, total: int, purpose: str = "calibration") -> list[int]:
+    """Indices of the source's items a data section selects: ``subset`` = [start, stop), then ``samples`` of it
+    drawn with ``seed`` (all of it when None); identical on every machine."""
+    start, stop = cfg.subset if cfg.subset is not None else (0, total)
+    if not 0 <= start < stop <= total:
+        raise ValueError(f"{purpose}.subset=[{start}, {stop}) is outside the {total} items of {cfg.uri}")
+    available = stop - start
+    wanted = cfg.samples if cfg.samples is not None else available
+    if wanted > available:
+        raise ValueError(f"{purpose}.samples={wanted} but {cfg.uri} has only {available} items in the subset "
+                         f"[{start}, {stop}); lower {purpose}.samples or widen the subset")
+    return [start + i for i in sample_indices(available, wanted, cfg.seed)]
+
+
 def draw_batches(cfg: Any, input_spec: dict[str, Any], purpose: str = "calibration") -> list[Batch]:
     """Preprocessed ``(x, y)`` batches for a :class:`cap_dist.config.DataConfig`.
 
@@ -24,16 +38,7 @@ def draw_batches(cfg: Any, input_spec: dict[str, Any], purpose: str = "calibrati
     from cap_dist.data.sources import open_image_dataset
 
     dataset = open_image_dataset(cfg.uri, input_spec)
-    total = len(dataset)
-    start, stop = cfg.subset if cfg.subset is not None else (0, total)
-    if not 0 <= start < stop <= total:
-        raise ValueError(f"{purpose}.subset=[{start}, {stop}) is outside the {total} items of {cfg.uri}")
-    available = stop - start
-    wanted = cfg.samples if cfg.samples is not None else available
-    if wanted > available:
-        raise ValueError(f"{purpose}.samples={wanted} but {cfg.uri} has only {available} items in the subset "
-                         f"[{start}, {stop}); lower {purpose}.samples or widen the subset")
-    indices = [start + i for i in sample_indices(available, wanted, cfg.seed)]
+    indices = draw_indices(cfg, len(dataset), purpose)
     xs: list[torch.Tensor] = []
     ys: list[int | None] = []
     skipped: list[str] = []

@@ -68,7 +68,9 @@ def _stage_costs(recipe: Recipe, n_samples: int) -> tuple[list[StageCost], int]:
     return costs, len(parts.blocks)
 
 
-def _connect(recipe: Recipe) -> None:
+def connect(recipe: Recipe) -> None:
+    """Join the Ray cluster the recipe names (distributed.address, else RAY_ADDRESS), or start a local one; a
+    process already connected (a `ray job submit` driver, a test) stays on its cluster."""
     if ray.is_initialized():
         return
     address = recipe.distributed.address or os.environ.get("RAY_ADDRESS")
@@ -216,7 +218,7 @@ def prune_distributed(recipe: Recipe) -> dict[str, Any]:
     costs, n_blocks = _stage_costs(recipe, sum(x.shape[0] for x, _ in calibration))
     plans = plan_actors(costs, recipe.distributed.actors, n_blocks)
     print(plan_table(plans))
-    _connect(recipe)
+    connect(recipe)
     _check_resources(recipe)
     atomic_write_bytes(f"{recipe.output.rstrip('/')}/plan.json", plan_json(plans).encode())
     batch_refs = [ray.put(x) for x, _ in calibration]

@@ -193,3 +193,14 @@ def test_an_output_is_a_model_source_and_pruning_it_again_keeps_its_zeros(workdi
         if name in {r.layer for r in second.layers}:
             was_zero = module.weight == 0
             assert bool((second.model.get_submodule(name).weight[was_zero] == 0).all()), name
+
+
+def test_file_uris_work_like_paths(workdir: Path) -> None:
+    tree = recipe_tree(workdir)
+    tree["model"]["source"] = f"file://{workdir / 'vit'}"
+    tree["calibration"]["uri"] = f"file://{workdir / 'images'}"
+    tree["output"] = f"file://{workdir / 'out' / 'file-uri'}"
+    report = prune(recipe_from_dict(tree))
+    model, manifest = load_sparse(str(workdir / "out" / "file-uri"))
+    assert manifest["sparsity"] == pytest.approx(report.sparsity)
+    assert not [p.name for p in (workdir / "out" / "file-uri").iterdir() if p.name.endswith(".tmp")]
