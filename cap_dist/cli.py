@@ -152,6 +152,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    """Write the compact file (kept values + packed bitmask, or codes + scales) beside a pruning output."""
+    from cap_dist.compact import compact_from_output
+
+    sizes = compact_from_output(args.output)
+    print(f"wrote {sizes['path']}: {sizes['compact_bytes']:,} bytes, {sizes['ratio']:.1%} of the dense "
+          f"{sizes['dense_bytes']:,} ({sizes['layers']} sparse layers, {sizes['quantized_layers']} as integer codes); "
+          "restores the dense weights bit-exactly (cap_dist.compact.load_compact)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cap_dist.demo import run_demo
 
@@ -184,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="recipe YAML with finetune and schedule sections")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. schedule.steps=3")
     run.set_defaults(func=_cmd_run)
+
+    export = sub.add_parser("export", help="compact file of a pruning output: kept values + bitmask (+ int codes)")
+    export.add_argument("output", help="pruning output folder or URI")
+    export.set_defaults(func=_cmd_export)
 
     evaluate = sub.add_parser("eval", help="evaluate a pruned output against its dense model")
     evaluate.add_argument("output", help="pruning output folder or URI")

@@ -47,6 +47,16 @@ class DataConfig(_Strict):
     on_bad_image: Literal["error", "skip"] = "error"
 
 
+class QuantizeConfig(_Strict):
+    """Weight quantization after pruning (GPTQ error compensation or round-to-nearest); pruned weights stay 0."""
+
+    bits: int | None = Field(None, ge=2, le=8, description="bits per weight (8 or 4 typical); None: no quantization")
+    group_size: int | None = Field(None, gt=0, description="input columns per scale (must divide every layer's "
+                                                           "inputs); None: one scale per output channel")
+    method: Literal["gptq", "rtn"] = "gptq"
+    symmetric: bool = True
+
+
 class PruneConfig(_Strict):
     method: Literal["cap", "sparsegpt", "obs", "wanda", "magnitude"] = "cap"
     curvature: Literal["activations", "fisher"] = "activations"
@@ -63,6 +73,7 @@ class PruneConfig(_Strict):
     float64_hessians: bool = True
     keep_zeros: bool = Field(True, description="weights already exactly zero stay pruned (gradual pruning keeps "
                                                "earlier masks; OBS updates never revive them)")
+    quantize: QuantizeConfig = QuantizeConfig()
 
     @field_validator("pattern", mode="before")
     @classmethod

@@ -28,8 +28,11 @@ from tqdm.auto import tqdm
 from cap_dist.config import Recipe, load_recipe
 from cap_dist.models.capture import flattened_weight, layer_columns, set_flattened_weight
 from cap_dist.models.loading import load_model
-from cap_dist.solvers import FisherAccumulator, HessianAccumulator, LossCurve, allocate_global, prune_layer
+from cap_dist.solvers import (FisherAccumulator, HessianAccumulator, LayerResult, LossCurve, allocate_global,
+                              prune_layer)
+from cap_dist.solvers.numerics import quadratic_loss
 from cap_dist.solvers.patterns import parse_pattern
+from cap_dist.solvers.quantize import DEFAULT_BLOCK as QUANT_BLOCK, quantize
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,10 @@ class LayerRecord:
     seconds: float
     damp_used: float | None
     escalations: int
+    quant_bits: int | None = None          # prune.quantize: loss/rel_error then measure pruned + quantized vs dense
+    quant_group_size: int | None = None
+    quant_loss: float | None = None        # the quantization's own loss, over the pruned weights
+    quant_zeroed: int | None = None        # kept weights whose code is 0 (now zero, though the mask keeps them)
 
 
 @dataclass
@@ -147,10 +154,17 @@ def _fisher(model: nn.Module, layers: dict[str, nn.Module], batches: list[Batch]
 
 def prior_mask_of(weight: torch.Tensor, recipe: Recipe) -> torch.Tensor | None:
     """The weights that must stay pruned: those already exactly zero (the masks of earlier gradual steps),
-    unless ``prune.keep_zeros`` is off; None when there are none."""
+    unless ``prune.keep_zeros`` is off; None when there are none.
+
+    With an N:M pattern a dense model's own zeros (dead channels, say) can fill a group of M beyond its M − N
+    removals; only the first M − N of such a group are forced, the others stay kept weights (valued 0)."""
     if not recipe.prune.keep_zeros:
         return None
     prior = weight == 0
+    pattern = parse_pattern(recipe.prune.pattern)
+    if pattern.structured and weight.shape[1] % pattern.m == 0:
+        groups = prior.reshape(prior.shape[0], -1, pattern.m)
+        prior = (groups & (groups.cumsum(-1) <= pattern.n_prune)).reshape(prior.shape)
     return prior if bool(prior.any()) else None
 
 
@@ -169,11 +183,30 @@ def _solve_layer(name: str, stage: str, module: nn.Module, curvature: torch.Tens
     sparsity = level_with_prior(sparsity, prior, recipe)
     res = prune_layer(weight, curvature.to(weight.device, torch.float32), method=cfg.method, sparsity=sparsity,
                       pattern=cfg.pattern, block_size=cfg.block_size, damp=cfg.damp, prior_mask=prior)
-    set_flattened_weight(module, res.weight)
-    return LayerRecord(layer=name, stage=stage, rows=weight.shape[0], columns=weight.shape[1], numel=weight.numel(),
-                       target_sparsity=sparsity, sparsity=res.sparsity, loss=res.loss, rel_error=res.relative_error,
-                       seconds=res.info["seconds"], damp_used=res.info.get("damp_used"),
-                       escalations=int(res.info.get("escalations", 0)))
+    record = LayerRecord(layer=name, stage=stage, rows=weight.shape[0], columns=weight.shape[1],
+                         numel=weight.numel(), target_sparsity=sparsity, sparsity=res.sparsity, loss=res.loss,
+                         rel_error=res.relative_error, seconds=res.info["seconds"],
+                         damp_used=res.info.get("damp_used"), escalations=int(res.info.get("escalations", 0)))
+    final = res.weight if cfg.quantize.bits is None else _quantize_pruned(record, weight, res, curvature, recipe)
+    set_flattened_weight(module, final)
+    return record
+
+
+def _quantize_pruned(record: LayerRecord, dense: torch.Tensor, res: LayerResult, curvature: torch.Tensor,
+                     recipe: Recipe) -> torch.Tensor:
+    """Quantize the pruned layer on its own curvature and mask (pruned weights stay exactly 0); fill the
+    record's quantization fields and make its loss the total, pruned + quantized against the dense weight."""
+    cfg = recipe.prune
+    qcfg = cfg.quantize
+    h = curvature.to(dense.device, torch.float32)
+    q = quantize(res.weight, h, method=qcfg.method, bits=qcfg.bits, group_size=qcfg.group_size,
+                 symmetric=qcfg.symmetric, mask=res.mask, damp=cfg.damp, block_size=cfg.block_size or QUANT_BLOCK)
+    record.quant_bits, record.quant_group_size, record.quant_loss = qcfg.bits, qcfg.group_size, q.loss
+    record.quant_zeroed = int((res.mask & (q.weight == 0)).sum())
+    record.loss = quadratic_loss(q.weight - dense, h)
+    record.rel_error = record.loss / res.energy if res.energy > 0 else float("nan")
+    record.seconds += q.info["seconds"]
+    return q.weight
 
 
 def _curvature_of(acc: HessianAccumulator | FisherAccumulator) -> torch.Tensor:

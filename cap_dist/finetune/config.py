@@ -78,6 +78,8 @@ class FinetuneConfig(_Strict):
     checkpoint_every: int = Field(1, ge=1, description="epochs between sharded checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
+    batchnorm: Literal["train", "frozen"] = Field("train", description="frozen: BatchNorm layers keep their "
+                                                                       "running statistics (small batches)")
 
     @model_validator(mode="after")
     def _checks(self) -> "FinetuneConfig":

@@ -121,12 +121,22 @@ def _mean_across(values: list[float], worker: Worker) -> list[float]:
     return (t / worker.world).tolist()
 
 
+def training_mode(model: nn.Module, batchnorm: str) -> None:
+    """Train mode; with ``batchnorm='frozen'`` the BatchNorm layers stay in eval mode (running statistics used
+    and kept), which small per-worker batches of a short recovery run would otherwise make noisy."""
+    model.train()
+    if batchnorm == "frozen":
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
 def train_epoch(student: nn.Module, teacher: nn.Module | None, masked: MaskedParameters, loader: Any,
                 optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState, total_steps: int, ft: Any,
                 kind: str, worker: Worker, inject_failure: dict[str, Any] | None) -> dict[str, float]:
     """One pass over this worker's shard (stopping at ``total_steps``); returns the epoch's mean losses
     (averaged over all workers)."""
-    student.train()
+    training_mode(student, ft.batchnorm)
     sums = [0.0, 0.0, 0.0]
     batches = 0
     for x, y in loader:
@@ -229,8 +239,7 @@ def evaluate_sharded(student: nn.Module, teacher: nn.Module | None, eval_set: tu
             meter.update(out, y, dense)
         elif dense is not None:
             meter.update(out, dense)
-    student.train()
-    _reduce_meter(meter, worker)
+    _reduce_meter(meter, worker)                          # (train_epoch puts the student back in train mode)
     if meter.n == 0:
         return {}
     metrics = meter.compute()

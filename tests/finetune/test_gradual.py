@@ -79,3 +79,22 @@ def test_run_and_prune_refuse_the_wrong_recipe(assets: Path, tmp_path: Path, cap
     config.write_text(yaml.safe_dump(tree))
     assert main(["run", "--config", str(config)]) == 2
     assert "needs a finetune section" in capsys.readouterr().err
+
+
+def test_n_m_one_shot_plus_finetune_keeps_the_pattern(ray_cluster, assets: Path) -> None:  # noqa: F811
+    """`schedule.steps: 1` with a 2:4 pattern: prune once, finetune; the finetuned model still keeps exactly 2 of
+    every 4 consecutive inputs in every pruned layer (the finetune masks are the pruning masks)."""
+    from cap_dist.finetune.gradual import run_gradual
+    from cap_dist.solvers.patterns import is_valid_n_m, parse_pattern
+
+    tree = _tree(assets, "nm-run", epochs=1)
+    tree["prune"] = {"method": "cap", "pattern": "2:4", "block_size": 16}
+    summary = run_gradual(recipe_from_dict(tree))
+    assert len(summary["steps"]) == 1
+    model, manifest = load_sparse(summary["final"])
+    for row in manifest["layers"]:
+        weight = model.get_submodule(row["layer"]).weight
+        assert is_valid_n_m(weight.reshape(weight.shape[0], -1) != 0, parse_pattern("2:4")), row["layer"]
+    tree["schedule"] = {"steps": 2}
+    with pytest.raises(ValueError, match="fixes the sparsity; use schedule.steps=1"):
+        run_gradual(recipe_from_dict(tree))

@@ -159,3 +159,23 @@ def test_cli_prune_runs_on_ray_and_writes_plan(ray_cluster, assets: Path, tmp_pa
     manifest = json.loads((out / "sparsity.json").read_text())
     assert manifest["engine"] == "ray" and len(manifest["actors"]) == 2
     assert "ray engine" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra", [{"pattern": "2:4"}, {"pattern": "2:4", "quantize": {"bits": 4}}])
+def test_n_m_and_quantization_on_ray_equal_single_process(ray_cluster, assets: Path, extra: dict) -> None:
+    """N:M (and N:M + GPTQ int4) through the distributed engine: the same masks and weights as one process, and
+    every pruned layer keeps exactly 2 of every 4 consecutive inputs."""
+    from cap_dist.solvers.patterns import is_valid_n_m, parse_pattern
+
+    name = "nm-q" if "quantize" in extra else "nm"
+    local = prune(recipe_from_dict(dict(tree(assets, "vit", f"{name}-local", **extra), engine="local")))
+    recipe = recipe_from_dict(dict(tree(assets, "vit", f"{name}-ray", **extra), distributed={"actors": 2}))
+    manifest = prune_distributed(recipe)
+    sparse, _ = load_sparse(recipe.output)
+    expected = local.model.state_dict()
+    for key, tensor in sparse.state_dict().items():
+        torch.testing.assert_close(tensor, expected[key], rtol=1e-5, atol=1e-6)
+    for row in manifest["layers"]:
+        weight = sparse.get_submodule(row["layer"]).weight
+        assert is_valid_n_m(weight.reshape(weight.shape[0], -1) != 0, parse_pattern("2:4")) or "quantize" in extra
+        assert float((weight == 0).float().mean()) >= 0.5 - 1e-9
