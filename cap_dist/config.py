@@ -88,6 +88,9 @@ class PruneConfig(_Strict):
     def _combinations(self) -> "PruneConfig":
         if self.curvature == "fisher" and self.method in ("sparsegpt", "wanda"):
             raise ValueError(f"method={self.method} needs activation curvature; use curvature=activations")
+        if self.quantize.bits and self.quantize.method == "gptq" and self.curvature == "fisher":
+            raise ValueError("quantize.method=gptq needs activation curvature (an input Hessian); use "
+                             "curvature=activations or quantize.method=rtn")
         if self.allocation == "global" and self.pattern != "unstructured":
             raise ValueError("global allocation applies to unstructured sparsity; N:M fixes every layer's sparsity")
         if self.allocation == "global" and self.sparsity > self.max_layer_sparsity:

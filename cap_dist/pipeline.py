@@ -377,6 +377,23 @@ def _solve_stage_on_activations(recipe: Recipe, stage: Stage, hidden: list[torch
     return records
 
 
+def check_layers_fit(recipe: Recipe, layers: dict[str, nn.Module]) -> None:
+    """Refuse, before any calibration, a pattern or quantization group that some layer's input width does not
+    fit (otherwise the run fails only when it reaches that layer, after minutes or hours of work)."""
+    cfg = recipe.prune
+    pattern = parse_pattern(cfg.pattern)
+    for what, width, key in ((f"pattern {cfg.pattern}", pattern.m if pattern.structured else 0, "prune.pattern"),
+                             (f"quantize.group_size={cfg.quantize.group_size}",
+                              cfg.quantize.group_size if cfg.quantize.bits else 0, "prune.quantize.group_size")):
+        if not width:
+            continue
+        bad = [f"{name} ({layer_columns(m)} inputs)" for name, m in layers.items() if layer_columns(m) % width]
+        if bad:
+            raise ValueError(f"{what} needs every pruned layer's input width to be a multiple of {width}, but "
+                             f"{len(bad)} layer(s) are not: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}; "
+                             f"add them to model.ignore or change {key}")
+
+
 def select_layers(recipe: Recipe, model: nn.Module) -> dict[str, nn.Module]:
     """The recipe's targets (fnmatch patterns), or the model family's defaults."""
     from cap_dist.models.families import select_prunable_layers
@@ -401,6 +418,7 @@ def prune(recipe: Recipe | str, overrides: list[str] | None = None, write: bool 
     device = _device(recipe.device)
     model.to(device)
     layers = select_layers(recipe, model)
+    check_layers_fit(recipe, layers)
     t_load = time.perf_counter() - start
     start = time.perf_counter()
     batches = [(x.to(device), None if y is None else y.to(device)) for x, y in calibration_batches(recipe, input_spec)]

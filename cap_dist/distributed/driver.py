@@ -43,11 +43,12 @@ def _stage_costs(recipe: Recipe, n_samples: int) -> tuple[list[StageCost], int]:
     """Costs of prefix, blocks and suffix from a meta-device skeleton (no weights read)."""
     from cap_dist.models.families import split_blocks
     from cap_dist.models.loading import build_skeleton
-    from cap_dist.pipeline import model_stages, select_layers
+    from cap_dist.pipeline import check_layers_fit, model_stages, select_layers
 
     with torch.device("meta"):
         model = build_skeleton(recipe.model.source, recipe.model.create_kwargs)
     layers = select_layers(recipe, model)
+    check_layers_fit(recipe, layers)                 # (the driver also checks this before calibrating)
     stages = model_stages(model, layers, None)
     parts = split_blocks(model)
     block_size = recipe.prune.block_size or 10**9
@@ -214,6 +215,7 @@ def prune_distributed(recipe: Recipe) -> dict[str, Any]:
 
     storage.configure(recipe.storage)
     total_start = time.perf_counter()
+    _stage_costs(recipe, 1)                          # a pattern/group no layer fits fails here, not after calibrating
     calibration = calibration_batches(recipe, _input_spec(recipe))
     costs, n_blocks = _stage_costs(recipe, sum(x.shape[0] for x, _ in calibration))
     plans = plan_actors(costs, recipe.distributed.actors, n_blocks)

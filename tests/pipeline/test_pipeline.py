@@ -204,3 +204,34 @@ def test_file_uris_work_like_paths(workdir: Path) -> None:
     model, manifest = load_sparse(str(workdir / "out" / "file-uri"))
     assert manifest["sparsity"] == pytest.approx(report.sparsity)
     assert not [p.name for p in (workdir / "out" / "file-uri").iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("prune_cfg, message", [
+    ({"pattern": "4:12"}, "pattern 4:12 needs every pruned layer's input width to be a multiple of 12"),
+    ({"quantize": {"bits": 4, "group_size": 48}}, "quantize.group_size=48 needs every pruned layer's input width"),
+])
+def test_patterns_and_groups_no_layer_fits_fail_before_calibration(workdir: Path, prune_cfg: dict, message: str,
+                                                                   monkeypatch) -> None:
+    import cap_dist.pipeline as pipeline
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration started before the recipe was checked against the layers")
+
+    monkeypatch.setattr(pipeline, "calibration_batches", no_calibration)
+    with pytest.raises(ValueError, match=message):
+        prune(recipe_from_dict(recipe_tree(workdir, **prune_cfg)))
+
+
+def test_gptq_with_fisher_curvature_is_refused_by_the_recipe(workdir: Path) -> None:
+    with pytest.raises(RecipeError, match="quantize.method=gptq needs activation curvature"):
+        recipe_from_dict(recipe_tree(workdir, curvature="fisher", quantize={"bits": 8}))
+
+
+def test_the_ray_driver_checks_the_layers_before_calibrating(workdir: Path, monkeypatch) -> None:
+    """No Ray needed: the driver refuses the recipe before it calibrates or connects."""
+    import cap_dist.pipeline as pipeline
+    from cap_dist.distributed.driver import prune_distributed
+
+    monkeypatch.setattr(pipeline, "calibration_batches", lambda *a, **k: (_ for _ in ()).throw(AssertionError()))
+    with pytest.raises(ValueError, match="pattern 4:12 needs"):
+        prune_distributed(recipe_from_dict(dict(recipe_tree(workdir, pattern="4:12"), engine="ray")))
