@@ -102,10 +102,17 @@ def arrow_filesystem(uri: str, cfg: Any = None) -> tuple[Any, str]:
     if isinstance(fs, LocalFileSystem):
         return pafs.LocalFileSystem(), path
     if "s3" in _protocols(fs):
-        settings = s3_settings(cfg)
-        return pafs.S3FileSystem(endpoint_override=settings.endpoint_url, region=settings.region or "us-east-1",
-                                 check_directory_existence_before_creation=True), path
+        return arrow_s3(cfg), path
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def arrow_s3(cfg: Any = None) -> Any:
+    """pyarrow's native S3 client with the endpoint and region in force (credentials: the AWS chain)."""
+    import pyarrow.fs as pafs
+
+    settings = s3_settings(cfg)
+    return pafs.S3FileSystem(endpoint_override=settings.endpoint_url, region=settings.region or "us-east-1",
+                             check_directory_existence_before_creation=True)
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -129,7 +136,7 @@ def explain(uri: str, err: BaseException) -> str:
     if isinstance(err, FileNotFoundError):
         return f"{uri} does not exist{where}; check the path (and storage.endpoint_url for S3-compatible stores)"
     if "Could not connect" in text or "EndpointConnectionError" in text or "Connection refused" in text:
-        return (f"{uri}: cannot reach the store{where or ''} ({text.strip()}); check storage.endpoint_url / "
+        return (f"{uri}: cannot reach the store{where} ({text.strip()}); check storage.endpoint_url / "
                 "AWS_ENDPOINT_URL and the network")
     return f"{uri}: {type(err).__name__}: {text}"
 

@@ -36,8 +36,12 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """The read-only shared data folder beside the checkout; tests that need it skip without it."""
+    """The read-only shared data folder beside the checkout. A user's fresh clone may lack it, so tests that need
+    it skip there, saying why; CI always has it, so under CI (``CI`` set) its absence fails the run instead of
+    silently skipping the real-model tests."""
     if not SHARED.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must provide the shared models and data at {SHARED}")
         pytest.skip(f"needs the shared models and data at {SHARED} (absent in a fresh clone)")
     return SHARED
 

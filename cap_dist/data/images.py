@@ -123,6 +123,16 @@ def read_labels_csv(root: str, labels_file: str = LABELS_FILE) -> list[ImageReco
     return records
 
 
+def _select(records: list[ImageRecord], indices: Sequence[int] | None, what: str) -> list[ImageRecord]:
+    """``records`` at ``indices`` in that order (all when None); an index outside them is an IndexError."""
+    if indices is None:
+        return records
+    bad = [i for i in indices if not 0 <= int(i) < len(records)]
+    if bad:
+        raise IndexError(f"indices {bad[:5]} are outside the {len(records)} {what}")
+    return [records[int(i)] for i in indices]
+
+
 class LabelledImageFolder(Dataset):
     """Images listed in ``labels.csv``, preprocessed per the model spec.
 
@@ -140,12 +150,7 @@ class LabelledImageFolder(Dataset):
         self.root = str(root).rstrip("/")
         self._fs, self._root_path = fsspec.core.url_to_fs(self.root)
         records = read_labels_csv(self.root, labels_file)
-        if indices is not None:
-            bad = [i for i in indices if not 0 <= int(i) < len(records)]
-            if bad:
-                raise IndexError(f"indices {bad[:5]} are outside the {len(records)} rows of {self.root}/{labels_file}")
-            records = [records[int(i)] for i in indices]
-        self.records = records
+        self.records = _select(records, indices, f"rows of {self.root}/{labels_file}")
         self.transform = build_image_transform(input_spec)
 
     def __len__(self) -> int:
@@ -299,6 +304,7 @@ def scan_class_folders(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS,
     return classes, records
 
 
+
 class ClassImageFolder(LabelledImageFolder):
     """Images in class sub-folders, ``root/<class>/<image>`` (torchvision's ImageFolder layout), preprocessed
     per the model spec. Classes are the sub-folder names sorted; an image's label is its class's position.
@@ -318,14 +324,9 @@ class ClassImageFolder(LabelledImageFolder):
         self.root = str(root).rstrip("/")
         self._fs, self._root_path = fsspec.core.url_to_fs(self.root)
         classes, records = scan_class_folders(self.root, extensions)
-        if indices is not None:
-            bad = [i for i in indices if not 0 <= int(i) < len(records)]
-            if bad:
-                raise IndexError(f"indices {bad[:5]} are outside the {len(records)} images under {self.root}")
-            records = [records[int(i)] for i in indices]
         self.classes = classes
         self.class_to_idx = {name: i for i, name in enumerate(classes)}
-        self.records = records
+        self.records = _select(records, indices, f"images under {self.root}")
         self.transform = build_image_transform(input_spec)
 
     def open_image(self, file: str) -> Image.Image:

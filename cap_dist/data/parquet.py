@@ -90,9 +90,9 @@ def _arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
         return pafs.LocalFileSystem()
     protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     if "s3" in protocols:
-        from cap_dist.storage import arrow_filesystem
+        from cap_dist.storage import arrow_s3
 
-        return arrow_filesystem("s3://probe")[0]
+        return arrow_s3()
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 

@@ -63,8 +63,8 @@ def _stop_head(temp_dir: str) -> None:
 
 @pytest.mark.timeout(600)
 def test_ray_job_submit_prunes_from_and_to_s3(s3: str, tmp_path: Path) -> None:
-    if shutil.which("ray", path=str(BIN)) is None:
-        pytest.skip(f"no ray command beside {sys.executable}")
+    # ray[default] is a dependency of cap-dist: its `ray` command must sit beside this Python (no skip).
+    assert shutil.which("ray", path=str(BIN)), f"no `ray` command beside {sys.executable}; reinstall cap-dist"
     upload_assets(s3)
     recipe = tree(s3, f"{s3}/job-out", engine="ray")
     storage.atomic_write_bytes(f"{s3}/recipes/job.yaml", yaml.safe_dump(recipe).encode())
