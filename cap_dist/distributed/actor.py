@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import resource
 import time
 from typing import Any
 
@@ -22,6 +21,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from cap_dist.config import Recipe, recipe_from_dict
+from cap_dist.distributed.memory import StageMemory, map_large_blocks, peak_rss_mb, trim_heap
 from cap_dist.models.capture import flattened_weight, set_flattened_weight
 from cap_dist.pipeline import (LayerRecord, Stage, _device, _solve_layer, _solve_stage_on_activations,
                                _stage_hessians, level_with_prior, model_stages, prior_mask_of, select_layers)
@@ -92,7 +92,8 @@ class PruneActor:
     """One shard of the model.  Created by the driver with ``ray.remote(PruneActor).options(...)``."""
 
     def __init__(self, recipe: dict[str, Any], stage_names: list[str], index: int) -> None:
-        self.baseline_rss_mb = _current_rss_mb()          # the runtime alone (torch, numba, ray), before any data
+        self.memory = StageMemory()                       # baseline: the runtime alone (torch, numba, ray)
+        map_large_blocks()                                # temporaries go back to the kernel when freed
         self.recipe = recipe_from_dict(recipe)
         from cap_dist import storage
 
@@ -104,7 +105,8 @@ class PruneActor:
 
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
         start = time.perf_counter()
-        self.model, _ = load_shard(self.recipe, stage_names)
+        with self.memory.stage("load"):
+            self.model, _ = load_shard(self.recipe, stage_names)
         # A GPU reserved with distributed.num_gpus is visible here (Ray sets CUDA_VISIBLE_DEVICES); recipe.device
         # auto/cuda then puts the shard, its Hessians and its solves on it. Activations travel between actors
         # and the driver on the host.
@@ -132,7 +134,9 @@ class PruneActor:
                 h = stage.run(h)
             holder[0] = h
 
-        self.accs = _stage_hessians(run, self.layers, self.recipe.prune.float64_hessians, self.accs)
+        with self.memory.stage("calibrate"):
+            self.accs = _stage_hessians(run, self.layers, self.recipe.prune.float64_hessians, self.accs)
+            trim_heap()
         self.calibrate_seconds += time.perf_counter() - start
         return holder[0].cpu()
 
@@ -141,6 +145,10 @@ class PruneActor:
 
     def loss_curves(self, max_row_sparsity: float) -> dict[str, Any]:
         """Per-layer removal-loss curves from the dense Hessians (for global allocation)."""
+        with self.memory.stage("allocate"):
+            return self._loss_curves(max_row_sparsity)
+
+    def _loss_curves(self, max_row_sparsity: float) -> dict[str, Any]:
         cfg = self.recipe.prune
         curves = {}
         for name, module in self.layers.items():
@@ -177,11 +185,20 @@ class PruneActor:
     def solve_layer(self, name: str, level: float) -> dict[str, Any]:
         """Independent mode: solve one layer on its dense Hessian (or reuse a written result)."""
         start = time.perf_counter()
+        # Each Hessian serves one solve: hand it over and let it go, so the actor's memory falls as layers
+        # finish and a solve never holds the running float64 sum next to a scaled copy.
+        acc = self.accs.pop(name)
         record = self._resume(name, level)
         resumed = record is not None
         if record is None:
-            record = _solve_layer(name, "independent", self.layers[name], self.accs[name].hessian(), self.recipe,
-                                  level)
+            with self.memory.stage("solve"):
+                # The solvers work in float32 (as the local pipeline does); the float64 sum goes when the
+                # float32 copy exists.
+                hessian = acc.take_hessian(torch.float32)
+                del acc
+                record = _solve_layer(name, "independent", self.layers[name], hessian, self.recipe, level)
+                del hessian
+                trim_heap()
             self._write(record)
         self.records[name] = record
         self.solve_seconds += time.perf_counter() - start
@@ -195,6 +212,14 @@ class PruneActor:
         # The first actor gets the driver's list of batch references (nested refs are not resolved for us).
         hidden = [(ray.get(x) if isinstance(x, ray.ObjectRef) else x).to(self.device) for x in inputs]
         timings = {"calibrate": 0.0, "solve": 0.0}
+        with self.memory.stage("solve"):
+            hidden = self._sequential(hidden, levels, timings)
+        self.calibrate_seconds += timings["calibrate"]
+        self.solve_seconds += timings["solve"]
+        return [h.cpu() for h in hidden]
+
+    def _sequential(self, hidden: list[torch.Tensor], levels: dict[str, float],
+                    timings: dict[str, float]) -> list[torch.Tensor]:
         for stage in self.stages:
             if stage.layers:
                 resumed = {n: self._resume(n, levels[n]) for n in stage.layers}
@@ -206,9 +231,7 @@ class PruneActor:
                         self.records[rec.layer] = rec
             with torch.no_grad():
                 hidden = [stage.run(h) for h in hidden]
-        self.calibrate_seconds += timings["calibrate"]
-        self.solve_seconds += timings["solve"]
-        return [h.cpu() for h in hidden]
+        return hidden
 
     # -- results -------------------------------------------------------------------------------------
 
@@ -221,11 +244,13 @@ class PruneActor:
 
     def state(self) -> dict[str, torch.Tensor]:
         """This shard's materialised parameters and buffers (pruned), for reassembly."""
-        return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items() if v.device.type != "meta"}
+        with self.memory.stage("gather"):
+            return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()
+                    if v.device.type != "meta"}
 
     def stats(self) -> dict[str, Any]:
-        return {"index": self.index, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "baseline_rss_mb": self.baseline_rss_mb,
+        return {"index": self.index, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": self.memory.baseline_mb,
+                "stage_peak_rss_mb": dict(self.memory.peaks),
                 "load_seconds": self.load_seconds, "calibrate_seconds": self.calibrate_seconds,
                 "solve_seconds": self.solve_seconds, "layers": len(self.layers)}
 
@@ -246,15 +271,6 @@ def _materialised_to(model: nn.Module, device: torch.device) -> None:
             for key, buf in module._buffers.items():
                 if buf is not None and not buf.is_meta:
                     module._buffers[key] = buf.to(device)
-
-
-def _current_rss_mb() -> float:
-    """Resident memory now (Linux /proc; the peak is in getrusage)."""
-    import os
-
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _metadata(data: bytes) -> dict[str, str]:

@@ -231,13 +231,13 @@ def prune_distributed(recipe: Recipe) -> dict[str, Any]:
         try:
             result = _attempt(recipe, actors, batch_refs, failures)
             # Gathering is part of the attempt: an actor lost now is recovered like one lost while solving.
-            stats = ray.get([a.stats.remote() for a in actors])
             records = [r for part in ray.get([a.get_records.remote() for a in actors]) for r in part]
             ray.get([a.release.remote() for a in actors])
             write_start = time.perf_counter()
             state: dict[str, torch.Tensor] = {}
             for part in ray.get([a.state.remote() for a in actors]):
                 state.update(part)
+            stats = ray.get([a.stats.remote() for a in actors])       # after gathering: its memory counts
             break
         except ACTOR_FAILURES as err:
             for actor in actors:
@@ -250,8 +250,10 @@ def prune_distributed(recipe: Recipe) -> dict[str, Any]:
             log.warning("an actor died (%s); attempt %d of %d resumes from the layers already written",
                         type(err).__name__, attempt + 2, recipe.distributed.max_attempts)
     for s in stats:
-        log.info("actor %d: peak RSS %.0f MiB, load %.1fs, calibrate %.1fs, solve %.1fs", s["index"], s["peak_rss_mb"],
-                 s["load_seconds"], s["calibrate_seconds"], s["solve_seconds"])
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in s["stage_peak_rss_mb"].items())
+        log.info("actor %d: peak RSS %.0f MiB (runtime %.0f; by stage: %s), load %.1fs, calibrate %.1fs, "
+                 "solve %.1fs", s["index"], s["peak_rss_mb"], s["baseline_rss_mb"], stages, s["load_seconds"],
+                 s["calibrate_seconds"], s["solve_seconds"])
     for actor in actors:
         ray.kill(actor, no_restart=True)
     timings = dict(result["timings"], load=max(s["load_seconds"] for s in stats))

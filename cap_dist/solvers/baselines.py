@@ -108,6 +108,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, patt
     work = weight.dtype if weight.dtype == torch.float64 else torch.float32
     fac = cholesky_inverse_escalating(hessian, damp, work_dtype=work)
     u = upper_cholesky(fac.inverse)
+    fac.inverse = None                      # only U is used from here
     w = weight.to(work).clone()
     keep = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
     losses = torch.zeros(rows, cols, dtype=work, device=weight.device)

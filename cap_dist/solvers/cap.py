@@ -103,6 +103,7 @@ def cap_activation(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
     t0 = time.perf_counter()
     fac = cholesky_inverse_escalating(hessian, damp, work_dtype=work)
     u = upper_cholesky(fac.inverse)                                        # UᵀU = H⁻¹
+    fac.inverse = None                      # only U is used from here: free the n×n inverse before the blocks
     t_factor = time.perf_counter() - t0
     w = weight.to(work).clone()
     keep = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)

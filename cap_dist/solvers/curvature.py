@@ -24,6 +24,10 @@ def _accumulation_dtype(float64: bool) -> torch.dtype:
     return torch.float64 if float64 else torch.float32
 
 
+_CHUNK_BYTES = 16 * 2**20     # the most of one batch's layer inputs converted at once in add_rows
+_MIN_CHUNK_ROWS = 256         # below this the rank-k updates lose GEMM efficiency
+
+
 @dataclass
 class HessianAccumulator:
     """Streaming H = 2/N Σ x xᵀ for one Linear or Conv2d layer.
@@ -49,9 +53,13 @@ class HessianAccumulator:
         """Fold in samples given as rows: ``[samples, columns]``."""
         if rows.ndim != 2 or rows.shape[1] != self.columns:
             raise ValueError(f"expected samples of shape [N, {self.columns}], got {tuple(rows.shape)}")
-        x = rows.to(device=self.sum.device, dtype=self.sum.dtype)
-        self.sum.addmm_(x.T, x)
-        self.count += x.shape[0]
+        # Converted to the sum's precision a slice at a time: a float64 copy of a whole batch of tokens
+        # (1576 × 3072 for one ViT-B batch of 8) is a transient as large as a Hessian, for no gain in speed.
+        step = max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // (self.columns * self.sum.element_size()))
+        for start in range(0, rows.shape[0], step):
+            x = rows[start:start + step].to(device=self.sum.device, dtype=self.sum.dtype)
+            self.sum.addmm_(x.T, x)
+        self.count += rows.shape[0]
 
     def add_linear_input(self, inputs: torch.Tensor) -> None:
         """Fold in the input of a Linear layer, any leading shape ``[..., in]`` (all tokens count)."""
@@ -82,6 +90,21 @@ class HessianAccumulator:
         if self.count == 0:
             raise ValueError("no calibration samples were accumulated for this layer")
         return self.sum * (2.0 / self.count)
+
+    def take_hessian(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """H = 2/N Σ x xᵀ, scaled in place in the running sum and handed over; the accumulator is empty after.
+
+        For a caller that needs H once (a solve): ``hessian()`` would keep the running sum and a scaled copy
+        alive together, two n×n float64 matrices where one suffices.  With ``dtype`` the handed-over matrix
+        is converted, and the float64 sum is freed as soon as the caller drops its reference.
+        """
+        if self.count == 0:
+            raise ValueError("no calibration samples were accumulated for this layer")
+        if self.sum is None:
+            raise ValueError("this accumulator's Hessian was already taken")
+        h = self.sum.mul_(2.0 / self.count)
+        self.sum = None                  # type: ignore[assignment]
+        return h if dtype is None else h.to(dtype)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"sum": self.sum, "count": torch.tensor(self.count)}

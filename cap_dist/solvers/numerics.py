@@ -41,7 +41,7 @@ def check_weight_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> None:
 class Factorization:
     """The damped inverse Hessian and what it took to get it."""
 
-    inverse: torch.Tensor                 # (damped H)⁻¹
+    inverse: torch.Tensor | None          # (damped H)⁻¹; a solver that only needs its factor drops it
     damp_used: float                      # relative damping finally used
     lam: float                            # the floor added to every diagonal entry
     dead_inputs: int = 0                  # inputs that never fired (H_ii = 0)
@@ -90,6 +90,7 @@ def cholesky_inverse_escalating(hessian: torch.Tensor, damp: float,
     for escalation in range(MAX_DAMP_ESCALATIONS + 1):
         h, lam, n_dead = damped(base, current)
         chol, info = torch.linalg.cholesky_ex(h)
+        del h                                  # at most three n×n matrices alive: H, its factor, its inverse
         if int(info.max()) == 0:
             return Factorization(torch.cholesky_inverse(chol), current, lam, n_dead, escalation, notes)
         new = max(current * 10, 1e-6)

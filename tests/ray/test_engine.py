@@ -73,6 +73,8 @@ def test_distributed_equals_single_process(ray_cluster, assets: Path, model: str
                                        distributed={"actors": actors, "num_cpus": 1}))
         manifest = prune_distributed(recipe)
         assert manifest["recipe_hash"] == local.recipe.hash
+        stages = {"load", "calibrate", "solve", "gather"} if mode == "independent" else {"load", "solve", "gather"}
+        assert all(stages <= set(a["stage_peak_rss_mb"]) for a in manifest["actors"])
         sparse, _ = load_sparse(recipe.output)
         for key, tensor in sparse.state_dict().items():
             assert torch.equal(tensor == 0, expected[key] == 0), (actors, key)
@@ -158,6 +160,9 @@ def test_cli_prune_runs_on_ray_and_writes_plan(ray_cluster, assets: Path, tmp_pa
     assert [p["stages"][0] for p in plan] == ["prefix", "blocks.2"] or len(plan) == 2
     manifest = json.loads((out / "sparsity.json").read_text())
     assert manifest["engine"] == "ray" and len(manifest["actors"]) == 2
+    for actor in manifest["actors"]:                   # where each actor's memory went, by stage
+        assert {"load", "solve", "gather"} <= set(actor["stage_peak_rss_mb"])      # (sequential: no calibrate)
+        assert actor["peak_rss_mb"] >= max(actor["stage_peak_rss_mb"].values()) - 1
     assert "ray engine" in capsys.readouterr().out
 
 

@@ -24,6 +24,39 @@ def test_linear_hessian_over_all_tokens_and_exact_merge() -> None:
     torch.testing.assert_close(restored.hessian(), expected)
 
 
+def test_rows_folded_in_slices_give_the_same_hessian(monkeypatch) -> None:
+    from cap_dist.solvers import curvature
+
+    monkeypatch.setattr(curvature, "_CHUNK_BYTES", 3 * 6 * 8)     # three float64 rows of six per slice
+    monkeypatch.setattr(curvature, "_MIN_CHUNK_ROWS", 1)
+    x = torch.randn(20, 6)
+    acc = HessianAccumulator(6, float64=True)
+    acc.add_rows(x)
+    flat = x.double()
+    torch.testing.assert_close(acc.hessian(), 2.0 / 20 * flat.T @ flat)
+    assert acc.count == 20
+
+
+def test_take_hessian_hands_over_the_scaled_sum_once() -> None:
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    acc = HessianAccumulator(6, float64=True)
+    acc.add_linear_input(x)
+    expected = acc.hessian()
+    running = acc.sum
+    taken = acc.take_hessian()
+    assert taken.data_ptr() == running.data_ptr()            # scaled in place: no second n×n float64 matrix
+    torch.testing.assert_close(taken, expected)
+    with pytest.raises(ValueError, match="already taken"):
+        acc.take_hessian()
+    again = HessianAccumulator(6, float64=True)
+    again.add_linear_input(x)
+    as32 = again.take_hessian(torch.float32)
+    assert as32.dtype == torch.float32
+    torch.testing.assert_close(as32, expected.float())
+    with pytest.raises(ValueError, match="no calibration samples"):
+        HessianAccumulator(6).take_hessian()
+
+
 def test_conv_hessian_via_unfold_reproduces_the_conv_output_error() -> None:
     conv = torch.nn.Conv2d(3, 5, kernel_size=3, stride=2, padding=1).double()
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
