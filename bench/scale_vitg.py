@@ -4,7 +4,7 @@ actors on one 24 GiB, 2-core machine.
     python bench/scale_vitg.py --block-size 128        # ~1 h on 2 cores
 
 Reports wall time, time per stage (load, calibrate, solve, write) and each actor's peak memory, and writes
-bench/results/scale_vitg.json.  Weights are random (no hub access here): the run measures the engine, not
+bench/results/scale_vitg-b<block size>.json.  Weights are random (no hub access here): the run measures the engine, not
 accuracy.  The model folder is made in a child process so the driver never holds the dense model.
 """
 
@@ -27,13 +27,20 @@ from scaling import make_assets, run, start_local_ray  # noqa: E402
 ARCH = "vit_giant_patch14_dinov2"
 
 
+def gib_by_stage(stats: dict) -> str:
+    peaks = stats.get("stage_peak_rss_mb", {})
+    return " / ".join(f"{peaks[k] / 1024:.1f}" if k in peaks else "–" for k in ("load", "calibrate", "solve"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--actors", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale_vitg.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result JSON (default bench/results/scale_vitg-b<block size>.json)")
     args = parser.parse_args(argv)
+    args.out = args.out or ROOT / "bench" / "results" / f"scale_vitg-b{args.block_size}.json"
     work = Path(tempfile.mkdtemp(prefix="capdist-vitg-"))
     start = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
@@ -45,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     t = row["timings"]
     lines = ["| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {t[k]:.0f} |" for k in ("load", "calibrate", "solve", "write", "total") if k in t]
-    lines += ["", "| actor | peak RSS (GiB) | load s | calibrate s | solve s | layers |", "|---|---|---|---|---|---|"]
-    lines += [f"| {s['index']} | {s['peak_rss_mb'] / 1024:.1f} | {s['load_seconds']:.0f} | {s['calibrate_seconds']:.0f} | "
+    lines += ["", "| actor | peak RSS (GiB) | runtime baseline (GiB) | peak by stage: load / calibrate / solve (GiB) | "
+              "load s | calibrate s | solve s | layers |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {s['index']} | {s['peak_rss_mb'] / 1024:.1f} | {s['baseline_rss_mb'] / 1024:.1f} | "
+              f"{gib_by_stage(s)} | {s['load_seconds']:.0f} | {s['calibrate_seconds']:.0f} | "
               f"{s['solve_seconds']:.0f} | {s['layers']} |" for s in row["actor_stats"]]
     table = "\n".join(lines)
     print(f"\n{ARCH}, {args.images} images at 224 px, cap 50 %, block size {args.block_size}, {args.actors} actors "

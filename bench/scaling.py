@@ -3,7 +3,8 @@
     python bench/scaling.py                 # ViT-B/16 shape, random init, 64 images at 224 px, cap 50 %, ~10 min
 
 Reports wall time (and its ratio), time per stage, and each actor's peak memory (RSS) against the single
-actor's.  Uses a local Ray started here with 2 CPUs, on 127.0.0.1 only.
+actor's, in total, above the runtime's own baseline (torch, numba, Ray: measured in the actor before it loads
+anything), and per stage.  Uses a local Ray started here with 2 CPUs, on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ def run(model_dir: str, images: str, n_images: int, actors: int, out: str, block
             "actor_stats": manifest["actors"]}
 
 
+def by_stage(stats: dict) -> str:
+    """An actor's peak resident memory while loading, calibrating and solving (MiB)."""
+    peaks = stats.get("stage_peak_rss_mb", {})
+    return " / ".join(f"{peaks[k]:.0f}" if k in peaks else "–" for k in ("load", "calibrate", "solve"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="vit_base_patch16_224")
@@ -91,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     single_peak = single["peak_rss_mb"]
     single_work = single_peak - single["baseline_rss_mb"]
     lines = ["| actors | wall time | speed-up | calibrate | solve | peak RSS per actor (MiB) | vs 1 actor | "
-             "above runtime baseline (MiB) | vs 1 actor |", "|---|---|---|---|---|---|---|---|---|"]
+             "above runtime baseline (MiB) | vs 1 actor | peak RSS by stage: load / calibrate / solve (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peaks = [s["peak_rss_mb"] for s in r["actor_stats"]]
         work = [s["peak_rss_mb"] - s["baseline_rss_mb"] for s in r["actor_stats"]]
@@ -99,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['timings']['calibrate']:.0f} s | {r['timings']['solve']:.0f} s | "
                      f"{', '.join(f'{p:.0f}' for p in peaks)} | "
                      f"{', '.join(f'{p / single_peak:.0%}' for p in peaks)} | "
-                     f"{', '.join(f'{w:.0f}' for w in work)} | {', '.join(f'{w / single_work:.0%}' for w in work)} |")
+                     f"{', '.join(f'{w:.0f}' for w in work)} | {', '.join(f'{w / single_work:.0%}' for w in work)} | "
+                     f"{'; '.join(by_stage(s) for s in r['actor_stats'])} |")
     table = "\n".join(lines)
     print("\n" + table)
     args.out.parent.mkdir(parents=True, exist_ok=True)

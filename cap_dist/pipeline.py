@@ -210,7 +210,9 @@ def _quantize_pruned(record: LayerRecord, dense: torch.Tensor, res: LayerResult,
 
 
 def _curvature_of(acc: HessianAccumulator | FisherAccumulator) -> torch.Tensor:
-    return acc.hessian() if isinstance(acc, HessianAccumulator) else acc.fisher()
+    """The layer's curvature, handed over: an input Hessian is scaled in place in its running sum (each
+    accumulator serves one solve), so a model's Hessians never exist twice."""
+    return acc.take_hessian() if isinstance(acc, HessianAccumulator) else acc.fisher()
 
 
 def _layer_sparsity(recipe: Recipe) -> float:
@@ -322,11 +324,14 @@ def run_pruning(recipe: Recipe, model: nn.Module, batches: list[Batch],
         start = time.perf_counter()
         levels = _global_levels(recipe, model, layers, dense)
         timings["allocate"] = time.perf_counter() - start
+        if cfg.mode != "independent":
+            dense = None                  # sequential mode recalibrates every block: free the dense Hessians
     records: list[LayerRecord] = []
     if cfg.mode == "independent":
         start = time.perf_counter()
         for name, module in tqdm(layers.items(), desc="solve", unit="layer"):
-            records.append(_solve_layer(name, "independent", module, dense[name], recipe, levels[name]))
+            # popped: each Hessian is freed once its layer is solved
+            records.append(_solve_layer(name, "independent", module, dense.pop(name), recipe, levels[name]))
         timings["solve"] += time.perf_counter() - start
         return records, timings
     stages = model_stages(model, layers, batches[0][0][:1])

@@ -179,8 +179,9 @@ class PruneActor:
         module = self.layers[record.layer]
         w = flattened_weight(module).detach().cpu().contiguous()
         meta = {"record": json.dumps({**dataclasses.asdict(record), "recipe_hash": self.recipe.hash})}
-        atomic_write_bytes(layer_file(self.recipe.output, record.layer),
-                           safetensors_save({"weight": w, "mask": (w != 0)}, meta))
+        with self.memory.stage("write"):
+            atomic_write_bytes(layer_file(self.recipe.output, record.layer),
+                               safetensors_save({"weight": w, "mask": (w != 0)}, meta))
 
     def solve_layer(self, name: str, level: float) -> dict[str, Any]:
         """Independent mode: solve one layer on its dense Hessian (or reuse a written result)."""
