@@ -46,7 +46,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from cap_dist.solvers.quantize import dequantize, level_range
-from cap_dist.storage import atomic_write_bytes, read_bytes
+from cap_dist.storage import atomic_write_bytes, read_bytes, safetensors_header_of_bytes
 
 FORMAT = "cap-dist-compact"
 VERSION = 1
@@ -268,9 +268,8 @@ def _header(data: bytes, where: str) -> dict[str, Any]:
     """The compact metadata of a safetensors file, checked for format and version."""
     if len(data) < 8:
         raise CorruptCompactError(f"{where} is not a compact model file: {len(data)} bytes (truncated?)")
-    size = struct.unpack("<Q", data[:8])[0]
     try:
-        header = json.loads(data[8:8 + size])
+        header = safetensors_header_of_bytes(data, where)
         meta = json.loads(header["__metadata__"][METADATA_KEY])
     except (ValueError, KeyError, TypeError):
         raise CorruptCompactError(f"{where} is not a {FORMAT} file: its safetensors header is unreadable or "

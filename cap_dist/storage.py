@@ -231,7 +231,6 @@ _SAFETENSORS_DTYPES = {
 
 def safetensors_header(uri: str) -> dict:
     """The JSON header of a safetensors file (tensor names, dtypes, shapes, byte offsets), read alone."""
-    import json
     import struct
 
     with storage_errors(uri):
@@ -244,13 +243,32 @@ def safetensors_header(uri: str) -> dict:
             if size > 100 << 20:
                 raise ValueError(f"{uri} is not a valid safetensors file: header of {size} bytes")
             raw_header = f.read(size)
+    header = _parse_header(raw_header, uri)
+    header["__data_start__"] = 8 + size
+    return header
+
+
+def safetensors_header_of_bytes(data: bytes, where: str) -> dict:
+    """The JSON header of a safetensors file already in memory (``where`` names it in errors)."""
+    import struct
+
+    if len(data) < 8:
+        raise ValueError(f"{where} is not a valid safetensors file: {len(data)} bytes")
+    size = struct.unpack("<Q", data[:8])[0]
+    if 8 + size > len(data):
+        raise ValueError(f"{where} is not a valid safetensors file: header of {size} bytes in {len(data)}")
+    return _parse_header(data[8:8 + size], where)
+
+
+def _parse_header(raw_header: bytes, where: str) -> dict:
+    import json
+
     try:
         header = json.loads(raw_header)
     except ValueError:
-        raise ValueError(f"{uri} is not a valid safetensors file: its header is not JSON") from None
+        raise ValueError(f"{where} is not a valid safetensors file: its header is not JSON") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{uri} is not a valid safetensors file: its header is not a JSON object")
-    header["__data_start__"] = 8 + size
+        raise ValueError(f"{where} is not a valid safetensors file: its header is not a JSON object")
     return header
 
 

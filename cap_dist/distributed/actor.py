@@ -26,7 +26,7 @@ from cap_dist.models.capture import flattened_weight, set_flattened_weight
 from cap_dist.pipeline import (LayerRecord, Stage, _device, _solve_layer, _solve_stage_on_activations,
                                _stage_hessians, level_with_prior, model_stages, prior_mask_of, select_layers)
 from cap_dist.solvers import HessianAccumulator, prune_layer
-from cap_dist.storage import atomic_write_bytes, read_bytes
+from cap_dist.storage import atomic_write_bytes, read_bytes, safetensors_header_of_bytes
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class PruneActor:
         except FileNotFoundError:
             return None
         tensors = safetensors_load(data)
-        meta = json.loads(_metadata(data)["record"])
+        meta = json.loads(_metadata(data, layer_file(self.recipe.output, name))["record"])
         if meta.get("recipe_hash") != self.recipe.hash or abs(meta["target_sparsity"] - level) > 1e-12:
             return None
         set_flattened_weight(self.layers[name], tensors["weight"])
@@ -260,8 +260,8 @@ class PruneActor:
 
 
 def _materialised_to(model: nn.Module, device: torch.device) -> None:
-    """Move the parameters and buffers this shard holds to ``device``; the meta placeholders of other shards'
-    blocks stay (a meta tensor cannot be copied anywhere)."""
+    """Move the parameters and buffers this shard holds to ``device``; the meta tensors that stand for other
+    shards' blocks stay where they are (a meta tensor has no data to copy)."""
     if device.type == "cpu":
         return
     with torch.no_grad():
@@ -274,8 +274,5 @@ def _materialised_to(model: nn.Module, device: torch.device) -> None:
                     module._buffers[key] = buf.to(device)
 
 
-def _metadata(data: bytes) -> dict[str, str]:
-    import struct
-
-    size = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8:8 + size]).get("__metadata__", {})
+def _metadata(data: bytes, where: str) -> dict[str, str]:
+    return safetensors_header_of_bytes(data, where).get("__metadata__", {})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from cap_dist.solvers.numerics import cholesky_inverse_escalating, upper_cholesky
+from cap_dist.solvers.numerics import cholesky_inverse_escalating, inverse_factor
 from cap_dist.solvers.patterns import Pattern, lowest_k_mask, n_m_mask, prune_count
 
 
@@ -106,9 +106,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, patt
         raise ValueError("sparsegpt needs input-activation curvature (an [in, in] Hessian), not Fisher blocks")
     rows, cols = weight.shape
     work = weight.dtype if weight.dtype == torch.float64 else torch.float32
-    fac = cholesky_inverse_escalating(hessian, damp, work_dtype=work)
-    u = upper_cholesky(fac.inverse)
-    fac.inverse = None                      # only U is used from here
+    u, fac = inverse_factor(hessian, damp, work)                           # UᵀU = H⁻¹
     w = weight.to(work).clone()
     keep = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
     losses = torch.zeros(rows, cols, dtype=work, device=weight.device)

@@ -26,7 +26,7 @@ import time
 import torch
 
 from cap_dist.solvers import greedy
-from cap_dist.solvers.numerics import cholesky_inverse_escalating, upper_cholesky
+from cap_dist.solvers.numerics import cholesky_inverse_escalating, inverse_factor
 from cap_dist.solvers.patterns import LossCurve, Pattern, allocate_rows, prune_count, removal_order
 
 CURVE_POINTS = 64
@@ -101,9 +101,7 @@ def cap_activation(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
                              f"have more than {pattern.n_prune} zeros")
     work = weight.dtype if weight.dtype == torch.float64 else torch.float32
     t0 = time.perf_counter()
-    fac = cholesky_inverse_escalating(hessian, damp, work_dtype=work)
-    u = upper_cholesky(fac.inverse)                                        # UᵀU = H⁻¹
-    fac.inverse = None                      # only U is used from here: free the n×n inverse before the blocks
+    u, fac = inverse_factor(hessian, damp, work)                           # UᵀU = H⁻¹
     t_factor = time.perf_counter() - t0
     w = weight.to(work).clone()
     keep = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)

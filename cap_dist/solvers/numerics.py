@@ -102,6 +102,15 @@ def cholesky_inverse_escalating(hessian: torch.Tensor, damp: float,
                      "check the calibration data (NaN activations, too few samples)")
 
 
+def inverse_factor(hessian: torch.Tensor, damp: float, work_dtype: torch.dtype) -> tuple[torch.Tensor, Factorization]:
+    """U with UᵀU = (damped H)⁻¹, and how the damping went.  The n×n inverse is dropped once U exists (the
+    column-sweep solvers, cap/sparsegpt/GPTQ, need only U), so a solve holds one n×n matrix less."""
+    fac = cholesky_inverse_escalating(hessian, damp, work_dtype=work_dtype)
+    u = upper_cholesky(fac.inverse)
+    fac.inverse = None
+    return u, fac
+
+
 def upper_cholesky(matrix: torch.Tensor) -> torch.Tensor:
     """U with UᵀU = matrix (upper Cholesky factor), as SparseGPT uses for H⁻¹."""
     return torch.linalg.cholesky(matrix, upper=True)

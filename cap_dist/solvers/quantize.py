@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
-from cap_dist.solvers.numerics import (check_weight_hessian, cholesky_inverse_escalating, layer_energy,
-                                       quadratic_loss, upper_cholesky)
+from cap_dist.solvers.numerics import (check_weight_hessian, inverse_factor, layer_energy,
+                                       quadratic_loss)
 
 MIN_BITS, MAX_BITS = 2, 8
 DEFAULT_BLOCK = 128
@@ -273,8 +273,7 @@ def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gr
     start = time.perf_counter()
     rows, cols = weight.shape
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    fac = cholesky_inverse_escalating(hessian, damp, work_dtype=work)
-    u = upper_cholesky(fac.inverse)                                       # UᵀU = H⁻¹
+    u, fac = inverse_factor(hessian, damp, work)                           # UᵀU = H⁻¹
     w = weight.to(work).clone()
     width = group_size or cols
     n_groups = cols // width
