@@ -37,9 +37,9 @@ from cap_dist.compact import compact_from_output  # noqa: E402
 from cap_dist.config import load_recipe  # noqa: E402
 from cap_dist.data.draw import draw_batches  # noqa: E402
 from cap_dist.eval import evaluate_model  # noqa: E402
-from cap_dist.models.loading import load_model  # noqa: E402
+from cap_dist.models.source import load_model  # noqa: E402
 from cap_dist.output import load_sparse  # noqa: E402
-from cap_dist.pipeline import prune  # noqa: E402
+from cap_dist.engines import prune  # noqa: E402
 
 RECIPES = {"vit4mnist": "jobs/vit4mnist.yaml", "effnet_lite0": "jobs/effnet_lite0.yaml"}
 CASES = {

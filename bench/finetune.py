@@ -31,7 +31,7 @@ from cap_dist.config import load_recipe  # noqa: E402
 from cap_dist.data.draw import draw_batches  # noqa: E402
 from cap_dist.eval import evaluate_model  # noqa: E402
 from cap_dist.finetune.gradual import run_gradual  # noqa: E402
-from cap_dist.models.loading import load_model  # noqa: E402
+from cap_dist.models.source import load_model  # noqa: E402
 from cap_dist.output import load_sparse  # noqa: E402
 
 MNIST = str(ROOT.parent / "shared" / "data" / "mnist")

@@ -28,8 +28,10 @@ sys.path.insert(0, str(ROOT))
 from cap_dist.config import load_recipe  # noqa: E402
 from cap_dist.data.draw import draw_batches  # noqa: E402
 from cap_dist.eval import evaluate_model  # noqa: E402
-from cap_dist.models.loading import load_model  # noqa: E402
-from cap_dist.pipeline import calibration_batches, run_pruning, select_layers  # noqa: E402
+from cap_dist.models.source import load_model  # noqa: E402
+from cap_dist.core import select_layers  # noqa: E402
+from cap_dist.data.draw import draw_batches  # noqa: E402
+from cap_dist.engines.local import prune_model  # noqa: E402
 
 CASES = {"50%": ["prune.sparsity=0.5"], "75%": ["prune.sparsity=0.75"], "2:4": ["prune.pattern=2:4"]}
 METHODS = ["magnitude", "wanda", "obs", "sparsegpt", "cap"]
@@ -39,7 +41,7 @@ RECIPES = {"vit4mnist": "jobs/vit4mnist.yaml", "effnet_lite0": "jobs/effnet_lite
 def run(model_name: str, cases: list[str], results: list[dict]) -> None:
     base = load_recipe(str(ROOT / RECIPES[model_name]))
     dense, spec = load_model(base.model.source)
-    calib = calibration_batches(base, spec)
+    calib = draw_batches(base.calibration, spec, purpose="calibration")
     evaluation = draw_batches(base.evaluation, spec, purpose="evaluation")
     metrics = evaluate_model(dense, evaluation)
     results.append(dict(model=model_name, case="dense", method="dense", mode="-", **metrics, seconds=0.0))
@@ -50,7 +52,7 @@ def run(model_name: str, cases: list[str], results: list[dict]) -> None:
                                  CASES[case] + [f"prune.method={method}", f"prune.mode={mode}"])
             model = copy.deepcopy(dense)
             start = time.perf_counter()
-            records, _ = run_pruning(recipe, model, calib, select_layers(recipe, model))
+            records, _ = prune_model(recipe, model, calib, select_layers(model, recipe.model))
             seconds = time.perf_counter() - start
             m = evaluate_model(model, evaluation, dense_model=dense)
             numel = sum(r.numel for r in records)

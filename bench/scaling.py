@@ -64,16 +64,16 @@ def make_assets(root: Path, arch: str, kwargs: dict, images: int, size: int) -> 
 
 def run(model_dir: str, images: str, n_images: int, actors: int, out: str, block_size: int) -> dict:
     from cap_dist.config import recipe_from_dict
-    from cap_dist.distributed.driver import prune_distributed
+    from cap_dist.engines import prune
 
     recipe = recipe_from_dict({
         "model": {"source": model_dir}, "calibration": {"uri": images, "samples": n_images, "batch_size": 8},
         "prune": {"method": "cap", "sparsity": 0.5, "block_size": block_size, "mode": "independent"},
         "output": out, "device": "cpu", "distributed": {"actors": actors, "num_cpus": 1}})
     start = time.perf_counter()
-    manifest = prune_distributed(recipe)
-    return {"actors": actors, "wall_seconds": time.perf_counter() - start, "timings": manifest["timings"],
-            "actor_stats": manifest["actors"]}
+    result = prune(recipe)
+    return {"actors": actors, "wall_seconds": time.perf_counter() - start, "timings": result.timings,
+            "actor_stats": result.manifest["actors"]}
 
 
 def by_stage(stats: dict) -> str:

@@ -1,9 +1,10 @@
 """cap-dist: Correlation-Aware Pruning (CAP) of large vision models, distributed on Ray.
 
 The layer solvers live in :mod:`cap_dist.solvers` (pure torch); :func:`prune_layer` is their stable
-entry point.  :func:`prune` runs a whole recipe in one process, :func:`prune_distributed` on Ray (``cap-dist prune``
-picks by the recipe's ``engine``); :func:`load_sparse` rebuilds either output; :func:`finetune` recovers a pruned
-model's accuracy on Ray Train (FSDP2, masks kept, distillation from the dense model).
+entry point. :func:`prune` runs a whole recipe with the engine it names (``local``: one process; ``ray``: actors
+that each hold a shard) and returns a :class:`PruneResult` either way; the steps both engines share are in
+:mod:`cap_dist.core`. :func:`load_sparse` rebuilds an output; :func:`finetune` recovers a pruned model's accuracy
+on Ray Train (FSDP2, masks kept, distillation from the dense model).
 """
 
 from __future__ import annotations
@@ -11,21 +12,21 @@ from __future__ import annotations
 from typing import Any
 
 from cap_dist.solvers import LayerResult, prune_layer
+from cap_dist.version import __version__
 
-__version__ = "0.1.0"
-__all__ = ["LayerResult", "__version__", "finetune", "load_sparse", "prune", "prune_distributed", "prune_layer"]
+__all__ = ["LayerResult", "PruneResult", "__version__", "finetune", "load_sparse", "prune", "prune_layer"]
 
 
 def __getattr__(name: str) -> Any:
-    # The pipeline pulls in timm, pyarrow and the data readers: import it only when asked for.
+    # The engines pull in timm, pyarrow and the data readers: import them only when asked for.
     if name == "prune":
-        from cap_dist.pipeline import prune
+        from cap_dist.engines import prune
 
         return prune
-    if name == "prune_distributed":
-        from cap_dist.distributed.driver import prune_distributed
+    if name == "PruneResult":
+        from cap_dist.core.records import PruneResult
 
-        return prune_distributed
+        return PruneResult
     if name == "finetune":
         from cap_dist.finetune.trainer import finetune
 

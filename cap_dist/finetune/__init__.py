@@ -2,10 +2,11 @@
 the dense model (see :mod:`cap_dist.finetune.trainer` for the launcher, :mod:`cap_dist.finetune.loop` for the
 worker loop).
 
-Modules, one job each: ``config`` (recipe sections, no torch), ``masks``, ``losses``, ``schedule`` (pure
+Its recipe sections (``finetune``, ``schedule``) live with the rest of the recipe in :mod:`cap_dist.config`.
+Modules, one job each: ``masks``, ``losses``, ``schedule`` (pure
 torch, no Ray), ``data`` (training images per worker), ``checkpoint`` (sharded checkpoints through Ray
-Train), ``results`` (the finetuned output), ``loop`` and ``trainer`` (Ray Train). Importing this package
-imports none of them, so ``cap_dist.config`` can use ``finetune.config`` without torch or Ray.
+Train), ``results`` (the finetuned output), ``loop`` and ``trainer`` (Ray Train), ``gradual`` (the schedule).
+Importing this package imports none of them.
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ class TrainImages(Dataset):
 
 
 def open_train_images(cfg: Any, input_spec: Mapping[str, Any]) -> TrainImages:
-    """The :class:`TrainImages` a :class:`~cap_dist.finetune.config.TrainDataConfig` describes."""
+    """The :class:`TrainImages` a :class:`~cap_dist.config.TrainDataConfig` describes."""
     from cap_dist.data.sources import open_image_dataset
 
     source = open_image_dataset(cfg.uri, input_spec)

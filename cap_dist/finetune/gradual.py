@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from cap_dist.config import ModelConfig, Recipe
-from cap_dist.finetune.config import ScheduleConfig, schedule_sparsities
-from cap_dist.solvers.patterns import parse_pattern
+from cap_dist.config import ScheduleConfig
+from cap_dist.finetune.schedule import schedule_sparsities
 from cap_dist.storage import atomic_write_bytes, load_tensor_subset
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,11 @@ def step_recipes(recipe: Recipe) -> list[tuple[float, str, str]]:
     if recipe.finetune is None:
         raise ValueError("cap-dist run needs a finetune section (what recovers the model after every pruning "
                          "step); to prune only, use cap-dist prune")
-    if parse_pattern(recipe.prune.pattern).structured:
+    if recipe.prune.pattern.structured:
         if recipe.schedule.steps != 1:
             raise ValueError(f"pattern {recipe.prune.pattern} fixes the sparsity; use schedule.steps=1 (one-shot "
                              "N:M + finetune)")
-        levels = [parse_pattern(recipe.prune.pattern).sparsity]
+        levels = [recipe.prune.pattern.sparsity]
     else:
         levels = schedule_sparsities(recipe.schedule, recipe.prune.sparsity)
     root = recipe.output.rstrip("/")
@@ -77,15 +77,9 @@ def _finished(uri: str, recipe_hash: str | None = None) -> dict[str, Any] | None
 
 
 def _prune(step: Recipe) -> dict[str, Any]:
-    if step.engine == "ray":
-        from cap_dist.distributed.driver import prune_distributed
+    from cap_dist.engines import prune
 
-        return prune_distributed(step)
-    from cap_dist.output import read_manifest
-    from cap_dist.pipeline import prune
-
-    prune(step)
-    return read_manifest(step.output)
+    return prune(step).manifest
 
 
 def _layer_weights(uri: str, layers: list[str]) -> dict[str, torch.Tensor]:

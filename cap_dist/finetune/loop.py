@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cap_dist.config import Recipe
 from cap_dist.finetune.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from cap_dist.finetune.losses import NoLabelsError, combined_loss
 from cap_dist.finetune.masks import MaskedParameters, masks_from_model, pruned_layer_names, shard_masks
@@ -61,11 +62,11 @@ def load_student(uri: str) -> tuple[nn.Module, dict[str, Any]]:
     return load_sparse(uri)
 
 
-def load_teacher(recipe: Any) -> nn.Module:
+def load_teacher(recipe: Recipe) -> nn.Module:
     """The dense model the recipe names, frozen, in eval mode (distillation target)."""
-    from cap_dist.models.loading import load_model
+    from cap_dist.models.source import ModelSource
 
-    teacher, _ = load_model(recipe.model.source, recipe.model.weights, recipe.model.create_kwargs)
+    teacher = ModelSource.of(recipe.model).load()
     teacher.requires_grad_(False)
     return teacher.eval()
 
@@ -186,7 +187,7 @@ def _maybe_fail(inject: dict[str, Any] | None, step: int, rank: int) -> None:
 # Evaluation
 
 
-def open_eval_images(recipe: Any, input_spec: dict[str, Any]) -> tuple[Any, list[int]] | None:
+def open_eval_images(recipe: Recipe, input_spec: dict[str, Any]) -> tuple[Any, list[int]] | None:
     """The recipe's evaluation images (dataset, selected indices), or None without an evaluation section."""
     if recipe.evaluation is None:
         return None
@@ -268,7 +269,7 @@ def _worker() -> Worker:
 class Run:
     """Everything one worker trains with, built by :func:`setup_run`."""
 
-    recipe: Any
+    recipe: Recipe
     worker: Worker
     student: nn.Module
     teacher: nn.Module | None
@@ -285,7 +286,7 @@ class Run:
     last_epoch: int
 
 
-def setup_run(recipe: Any, student_uri: str, worker: Worker) -> Run:
+def setup_run(recipe: Recipe, student_uri: str, worker: Worker) -> Run:
     """Load student (pruning output) and teacher (dense), take the masks, open the data, shard both models with
     FSDP2, and build AdamW with its schedule over this run's optimizer steps."""
     from cap_dist.finetune.data import train_loader

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from cap_dist.config import Recipe
 from cap_dist.finetune.masks import check_masks
 from cap_dist.storage import atomic_write_bytes
 
@@ -96,7 +97,7 @@ def layer_rows(student_rows: Sequence[Mapping[str, Any]], state: Mapping[str, to
     return rows
 
 
-def write_finetuned(recipe: Any, output_uri: str, state: dict[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
+def write_finetuned(recipe: Recipe, output_uri: str, state: dict[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
                     student_manifest: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
                     info: dict[str, Any]) -> dict[str, Any]:
     """Check the masks, then write metrics, curves and the sparse model (manifest last); returns the manifest.

@@ -10,6 +10,10 @@ functions below give the multiplier of the peak rate for optimizer step ``k`` (0
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cap_dist.config import ScheduleConfig
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0) -> float:
@@ -45,3 +49,25 @@ def cyclic_lr_multiplier(global_step: int, steps_per_cycle: int, warmup_steps: i
     if steps_per_cycle <= 0:
         raise ValueError(f"steps_per_cycle={steps_per_cycle} must be positive")
     return lr_multiplier(global_step % steps_per_cycle, steps_per_cycle, warmup_steps, min_ratio)
+
+
+def schedule_sparsities(schedule: "ScheduleConfig", final: float) -> list[float]:
+    """The target sparsity of every pruning step, increasing, ending at ``final``."""
+    if not schedule.start < final:
+        raise ValueError(f"schedule.start={schedule.start} must be below the final sparsity {final}")
+    if schedule.first is not None and not schedule.start < schedule.first <= final:
+        raise ValueError(f"schedule.first={schedule.first} must lie in ({schedule.start}, {final}]")
+    if schedule.steps == 1:
+        return [round(final, 6)]
+    anchor, head, n = schedule.start, [], schedule.steps
+    if schedule.first is not None:
+        anchor, head, n = schedule.first, [schedule.first], schedule.steps - 1
+    steps = []
+    for k in range(1, n + 1):
+        frac = k / n
+        if schedule.curve == "cubic":
+            steps.append(final + (anchor - final) * (1.0 - frac) ** 3)
+        else:
+            steps.append(anchor + (final - anchor) * frac)
+    steps[-1] = final
+    return [round(s, 6) for s in head + steps]

@@ -140,11 +140,11 @@ def finetune(recipe: Recipe, student_uri: str, output_uri: str, step_index: int 
     import ray
 
     from cap_dist import storage
-    from cap_dist.distributed.driver import connect
+    from cap_dist.engines.distributed.driver import connect
     from cap_dist.output import read_manifest
 
     if recipe.finetune is None:
-        raise FinetuneError("the recipe has no finetune section; add one (see cap_dist/finetune/config.py)")
+        raise FinetuneError("the recipe has no finetune section; add one (see cap_dist/config.py: FinetuneConfig)")
     ft = recipe.finetune
     student_uri, output_uri = _absolute(student_uri), _absolute(output_uri)
     storage.configure(recipe.storage)            # the recipe's S3 endpoint for the reads and writes below

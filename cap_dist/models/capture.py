@@ -5,6 +5,9 @@ layer's input into its curvature accumulator (H = 2/N Σ x xᵀ), without keepin
     accs = capture_layer_inputs(model, layers, (x for x, _ in loader))
     H = accs["blocks.0.mlp.fc1"].hessian()
 
+:func:`collect_hessians` is the one capture path (the engines call it around a block or an actor's shard);
+``capture_layer_inputs`` is the same over whole-model batches, with checks.
+
 Also the one place that knows how a Linear / Conv2d weight maps to the 2-D ``[out, in·kh·kw]`` matrix the
 solvers work on, so the columns of the weight line up with the rows/columns of H.
 """
@@ -96,6 +99,15 @@ def _padded_conv_input(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor | None:
     return None
 
 
+def fold_layer_input(acc: HessianAccumulator, module: nn.Module, x: torch.Tensor) -> None:
+    """Fold one input of a Linear (every token a row) or Conv2d (every patch it multiplies, padding as the
+    convolution really applies it) into the layer's accumulator."""
+    if isinstance(module, nn.Conv2d):
+        _fold_conv_input(acc, x, module)
+    else:
+        acc.add_linear_input(x)
+
+
 def _fold_conv_input(acc: HessianAccumulator, x: torch.Tensor, conv: nn.Conv2d) -> None:
     padded = _padded_conv_input(x, conv)
     if padded is None:
@@ -103,6 +115,37 @@ def _fold_conv_input(acc: HessianAccumulator, x: torch.Tensor, conv: nn.Conv2d) 
         return
     patches = F.unfold(padded, conv.kernel_size, dilation=conv.dilation, padding=0, stride=conv.stride)
     acc.add_rows(patches.transpose(1, 2).reshape(-1, patches.shape[1]))  # [B·L, C·kh·kw]
+
+
+def collect_hessians(run: Callable[[], object], layers: Mapping[str, nn.Module], float64: bool = True,
+                     accs: dict[str, HessianAccumulator] | None = None) -> dict[str, HessianAccumulator]:
+    """Call ``run`` (any forward passes: a whole model, one block, an actor's shard) with forward pre-hooks that
+    fold each layer's input into its accumulator, without keeping the activations. The one capture path of
+    cap-dist: both engines and :func:`capture_layer_inputs` go through it.
+
+    Args:
+        run: runs the forward passes (no grad is set around it).
+        layers: ``{name: module}`` of Linear / non-grouped Conv2d layers that ``run`` executes.
+        float64: accumulate in float64 (new accumulators only).
+        accs: accumulators to keep adding to (calls in sequence then equal one long run); new ones otherwise,
+            on each layer's device, so on a GPU the inputs never cross to the host.
+    """
+    if accs is None:
+        accs = {name: HessianAccumulator(layer_columns(m), float64=float64, device=m.weight.device)
+                for name, m in layers.items()}
+    handles = []
+    for name, module in layers.items():
+        def hook(mod: nn.Module, args: tuple, acc: HessianAccumulator = accs[name]) -> None:
+            fold_layer_input(acc, mod, args[0].detach())
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return accs
 
 
 def _float64_accumulator(columns: int) -> HessianAccumulator:
@@ -143,30 +186,17 @@ def capture_layer_inputs(model: nn.Module, layers: Mapping[str, nn.Module], batc
             raise ValueError(f"layer {name!r} is not a submodule of the model, so its hook would never run; "
                              "pass layers found in this model instance")
     accumulators = {name: factory(layer_columns(module)) for name, module in layers.items()}
-
-    def make_hook(name: str) -> Callable[[nn.Module, tuple], None]:
-        acc = accumulators[name]
-
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            if isinstance(module, nn.Conv2d):
-                _fold_conv_input(acc, x, module)
-            else:
-                acc.add_linear_input(x)
-        return hook
-
     device = _model_device(model)
-    handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in layers.items()]
     n_batches = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-                model(inputs.to(device) if device is not None else inputs)
-                n_batches += 1
-    finally:
-        for handle in handles:
-            handle.remove()
+
+    def run() -> None:
+        nonlocal n_batches
+        for batch in batches:
+            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(inputs.to(device) if device is not None else inputs)
+            n_batches += 1
+
+    collect_hessians(run, layers, accs=accumulators)
     if n_batches == 0:
         raise ValueError("no calibration batches were given; pass a non-empty iterable of input tensors")
     silent = [name for name, acc in accumulators.items() if acc.count == 0]

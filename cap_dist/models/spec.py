@@ -282,15 +282,12 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
                          "model.json against the checkpoint")
 
 
-def load_model_dir(path: str) -> tuple[nn.Module, ModelSpec]:
-    """Load a model folder (local path or fsspec URI) with ``model.json`` and safetensors weights.
-
-    Returns:
-        The model in eval mode with every weight loaded (strict), and its spec.
+def read_model_spec(path: str) -> ModelSpec:
+    """Read and validate a model folder's ``model.json`` (local path or fsspec URI).
 
     Raises:
-        FileNotFoundError: the folder, its ``model.json`` or its weights file does not exist.
-        ModelLoadError: the json is invalid or the weights do not match the described module.
+        FileNotFoundError: the folder or its ``model.json`` does not exist.
+        ModelLoadError: the json is invalid.
     """
     root = str(path).rstrip("/")
     fs, root_path = fsspec.core.url_to_fs(root)
@@ -305,7 +302,24 @@ def load_model_dir(path: str) -> tuple[nn.Module, ModelSpec]:
             raw = json.loads(f.read().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ModelLoadError(f"{_join(root, MODEL_JSON)} is not valid JSON: {err}") from err
-    spec = ModelSpec.from_dict(raw, source=root)
+    return ModelSpec.from_dict(raw, source=root)
+
+
+def load_model_dir(path: str, spec: ModelSpec | None = None) -> tuple[nn.Module, ModelSpec]:
+    """Load a model folder (local path or fsspec URI) with ``model.json`` and safetensors weights.
+
+    ``spec``: the folder's ``model.json`` already read (by :func:`read_model_spec`), so it is not read twice.
+
+    Returns:
+        The model in eval mode with every weight loaded (strict), and its spec.
+
+    Raises:
+        FileNotFoundError: the folder, its ``model.json`` or its weights file does not exist.
+        ModelLoadError: the json is invalid or the weights do not match the described module.
+    """
+    root = str(path).rstrip("/")
+    spec = spec if spec is not None else read_model_spec(root)
+    fs, root_path = fsspec.core.url_to_fs(root)
     weights_path = _join(root_path, spec.weights)
     if not fs.isfile(weights_path):
         raise FileNotFoundError(f"model folder {root} has no weights file; expected {_join(root, spec.weights)} "

@@ -53,7 +53,7 @@ def _check_prior(prior_mask: torch.Tensor | None, weight: torch.Tensor, sparsity
 
 
 def prune_layer(weight: torch.Tensor, hessian: torch.Tensor, *, method: str, sparsity: float,
-                pattern: str = "unstructured", block_size: int | None = None, damp: float = 0.01,
+                pattern: str | Pattern = "unstructured", block_size: int | None = None, damp: float = 0.01,
                 backend: str = "auto", max_row_sparsity: float | None = None,
                 prior_mask: torch.Tensor | None = None) -> LayerResult:
     """Prune one layer.

@@ -33,8 +33,11 @@ class Pattern:
         return f"{self.n_keep}:{self.m}" if self.m else "unstructured"
 
 
-def parse_pattern(pattern: str) -> Pattern:
-    """Parse ``"unstructured"`` or ``"N:M"`` (N kept of every M, e.g. ``"2:4"``)."""
+def parse_pattern(pattern: str | Pattern) -> Pattern:
+    """Parse ``"unstructured"`` or ``"N:M"`` (N kept of every M, e.g. ``"2:4"``); a :class:`Pattern` (a recipe's
+    ``prune.pattern``, already parsed) is returned as it is."""
+    if isinstance(pattern, Pattern):
+        return pattern
     if pattern == "unstructured":
         return Pattern()
     parts = pattern.split(":") if isinstance(pattern, str) else []

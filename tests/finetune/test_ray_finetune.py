@@ -20,7 +20,7 @@ from cap_dist.config import recipe_from_dict
 from cap_dist.data.parquet import write_image_parquet
 from cap_dist.finetune.trainer import FinetuneError, finetune
 from cap_dist.output import load_sparse, read_manifest, read_verified
-from cap_dist.pipeline import prune
+from cap_dist.engines import prune
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 

@@ -309,7 +309,7 @@ def test_cli_parses_finetune() -> None:
 
 
 def test_cpu_offload_needs_gpus() -> None:
-    from cap_dist.finetune.config import FinetuneConfig
+    from cap_dist.config import FinetuneConfig
 
     with pytest.raises(ValueError, match="cpu_offload=true .* needs use_gpu=true"):
         FinetuneConfig(data={"uri": "x"}, cpu_offload=True)

@@ -1,4 +1,4 @@
-"""Every model family through the pipeline: sequential and independent, every default layer pruned exactly."""
+"""Every model family through the local engine: sequential and independent, every default layer pruned exactly."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cap_dist.config import recipe_from_dict
-from cap_dist.pipeline import run_pruning, select_layers
+from cap_dist.core import select_layers
+from cap_dist.engines.local import prune_model
 
 from tests.unit.test_families import CASES
 
@@ -22,8 +23,8 @@ def test_family_prunes_end_to_end(case: str, mode: str) -> None:
         dense_out = model(batches[0][0])
     recipe = recipe_from_dict({"model": {"source": "-"}, "calibration": {"uri": "-"}, "output": "-",
                                "prune": {"method": "cap", "sparsity": 0.5, "mode": mode, "block_size": 32}})
-    layers = select_layers(recipe, model)
-    records, _ = run_pruning(recipe, model, batches, layers)
+    layers = select_layers(model, recipe.model)
+    records, _ = prune_model(recipe, model, batches, layers)
     assert sorted(r.layer for r in records) == sorted(layers)
     assert all(abs(r.sparsity - 0.5) < 1e-9 for r in records)
     for name, module in layers.items():

@@ -9,8 +9,8 @@ import pytest
 from cap_dist.config import load_recipe
 from cap_dist.data.draw import draw_batches
 from cap_dist.eval import evaluate_model
-from cap_dist.models.loading import load_model
-from cap_dist.pipeline import prune
+from cap_dist.models.source import load_model
+from cap_dist.engines import prune
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,7 +19,7 @@ def test_vit4mnist_cap_half_sparse_keeps_accuracy(shared_dir: Path, tmp_path: Pa
     recipe = load_recipe(str(ROOT / "jobs" / "vit4mnist.yaml"), [
         f"model.source={shared_dir / 'models' / 'vit4mnist'}", f"calibration.uri={shared_dir / 'data' / 'mnist'}",
         "calibration.samples=256", f"evaluation.uri={shared_dir / 'data' / 'mnist'}", "evaluation.subset=[512, 2512]",
-        f"output={tmp_path / 'out'}"])
+        f"output={tmp_path / 'out'}", "engine=local"])
     report = prune(recipe)
     dense, spec = load_model(recipe.model.source)
     batches = draw_batches(recipe.evaluation, spec, purpose="evaluation")

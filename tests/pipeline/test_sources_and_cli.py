@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 from cap_dist.cli import main
 from cap_dist.config import recipe_from_dict
 from cap_dist.data.parquet import write_image_parquet
-from cap_dist.models.loading import load_model
+from cap_dist.models.source import load_model
 from cap_dist.models.spec import ModelLoadError
-from cap_dist.pipeline import prune
+from cap_dist.engines import prune
 
 from tests.pipeline.test_pipeline import INPUT, VIT_KWARGS, recipe_tree, workdir  # noqa: F401  (fixture)
 

@@ -1,4 +1,4 @@
-"""The Ray engine reproduces the single-process pipeline, survives a killed actor, resumes, and rejects
+"""The Ray engine reproduces the local engine, survives a killed actor, resumes, and rejects
 impossible plans — on one local Ray cluster shared by the test run."""
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from cap_dist.config import recipe_from_dict
-from cap_dist.distributed.driver import prune_distributed
 from cap_dist.output import load_sparse
-from cap_dist.pipeline import prune
+from cap_dist.engines import prune
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -71,7 +70,7 @@ def test_distributed_equals_single_process(ray_cluster, assets: Path, model: str
     for actors in (1, 2, 3):
         recipe = recipe_from_dict(dict(tree(assets, model, f"{model}-{mode}-{actors}", mode=mode),
                                        distributed={"actors": actors, "num_cpus": 1}))
-        manifest = prune_distributed(recipe)
+        manifest = prune(recipe).manifest
         assert manifest["recipe_hash"] == local.recipe.hash
         stages = {"load", "calibrate", "solve", "gather"} if mode == "independent" else {"load", "solve", "gather"}
         assert all(stages <= set(a["stage_peak_rss_mb"]) for a in manifest["actors"])
@@ -86,7 +85,7 @@ def test_global_allocation_matches_single_process(ray_cluster, assets: Path) -> 
                                              sparsity=0.6), engine="local")))
     recipe = recipe_from_dict(dict(tree(assets, "vit", "g-ray", allocation="global", mode="independent",
                                         sparsity=0.6), distributed={"actors": 2}))
-    manifest = prune_distributed(recipe)
+    manifest = prune(recipe).manifest
     got = {r["layer"]: r["sparsity"] for r in manifest["layers"]}
     for r in local.layers:
         assert got[r.layer] == pytest.approx(r.sparsity, abs=1e-9)
@@ -99,7 +98,7 @@ def test_killed_actor_is_replaced_and_the_result_is_the_same(ray_cluster, assets
     # thread count changes float rounding in the calibration matmuls, and with it near-tie greedy choices).
     reference = recipe_from_dict(dict(tree(assets, "vit_wide", "kill-reference", mode="independent", block_size=32),
                                       distributed={"actors": 2}))
-    prune_distributed(reference)
+    prune(reference).manifest
     expected, _ = load_sparse(reference.output)
     recipe = recipe_from_dict(dict(tree(assets, "vit_wide", "kill-ray", mode="independent", block_size=32),
                                    distributed={"actors": 2, "max_attempts": 3}))
@@ -118,7 +117,7 @@ def test_killed_actor_is_replaced_and_the_result_is_the_same(ray_cluster, assets
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    prune_distributed(recipe)
+    prune(recipe).manifest
     thread.join(timeout=60)
     assert killed, "the actor was never killed: the test did not exercise a failure"
     written = len(list(layers_dir.iterdir()))
@@ -130,9 +129,9 @@ def test_killed_actor_is_replaced_and_the_result_is_the_same(ray_cluster, assets
 
 def test_rerun_resumes_without_solving_again(ray_cluster, assets: Path) -> None:
     recipe = recipe_from_dict(dict(tree(assets, "vit", "resume", mode="independent"), distributed={"actors": 2}))
-    first = prune_distributed(recipe)
+    first = prune(recipe).manifest
     files = {p.name: p.stat().st_mtime_ns for p in (Path(recipe.output) / "layers").iterdir()}
-    second = prune_distributed(recipe)
+    second = prune(recipe).manifest
     assert {p.name: p.stat().st_mtime_ns for p in (Path(recipe.output) / "layers").iterdir()} == files
     assert [r["loss"] for r in second["layers"]] == [r["loss"] for r in first["layers"]]
 
@@ -146,7 +145,7 @@ def test_rerun_resumes_without_solving_again(ray_cluster, assets: Path) -> None:
 def test_impossible_plans_fail_fast(ray_cluster, assets: Path, distributed: dict, message: str) -> None:
     recipe = recipe_from_dict(dict(tree(assets, "vit", "bad"), distributed=distributed))
     with pytest.raises(ValueError, match=message):
-        prune_distributed(recipe)
+        prune(recipe).manifest
 
 
 def test_cli_prune_runs_on_ray_and_writes_plan(ray_cluster, assets: Path, tmp_path: Path, capsys) -> None:
@@ -175,7 +174,7 @@ def test_n_m_and_quantization_on_ray_equal_single_process(ray_cluster, assets: P
     name = "nm-q" if "quantize" in extra else "nm"
     local = prune(recipe_from_dict(dict(tree(assets, "vit", f"{name}-local", **extra), engine="local")))
     recipe = recipe_from_dict(dict(tree(assets, "vit", f"{name}-ray", **extra), distributed={"actors": 2}))
-    manifest = prune_distributed(recipe)
+    manifest = prune(recipe).manifest
     sparse, _ = load_sparse(recipe.output)
     expected = local.model.state_dict()
     for key, tensor in sparse.state_dict().items():

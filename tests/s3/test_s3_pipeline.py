@@ -19,7 +19,7 @@ from cap_dist import storage
 from cap_dist.config import load_recipe, recipe_from_dict
 from cap_dist.data.parquet import ParquetImageDataset, write_image_parquet
 from cap_dist.output import CorruptOutputError, load_sparse, read_report
-from cap_dist.pipeline import prune
+from cap_dist.engines import prune
 
 VIT_KWARGS = {"img_size": 32, "patch_size": 8, "num_classes": 4, "embed_dim": 32, "depth": 2, "num_heads": 2,
               "mlp_ratio": 2.0}
@@ -105,10 +105,9 @@ def test_parquet_on_s3_uses_pyarrows_native_client(assets_on_s3: str) -> None:
 def test_ray_actors_reach_s3_through_the_forwarded_endpoint(ray_cluster, assets_on_s3: str) -> None:
     """The shared Ray cluster was started before the S3 endpoint existed: only the driver's forwarding
     (runtime_env env_vars) can give the actors the endpoint."""
-    from cap_dist.distributed.driver import prune_distributed
 
     root = assets_on_s3
-    manifest = prune_distributed(recipe_from_dict(tree(root, f"{root}/ray-out", engine="ray")))
+    manifest = prune(recipe_from_dict(tree(root, f"{root}/ray-out", engine="ray"))).manifest
     local = prune(recipe_from_dict(tree(root, f"{root}/local-out")), write=False)
     model, _ = load_sparse(f"{root}/ray-out")
     assert manifest["engine"] == "ray" and len(manifest["actors"]) == 2

@@ -239,7 +239,7 @@ def test_cli_export_writes_the_compact_file_and_reports_its_size(tmp_path, capsy
     from cap_dist.cli import main
     from cap_dist.config import recipe_from_dict
     from cap_dist.output import load_sparse
-    from cap_dist.pipeline import prune
+    from cap_dist.engines import prune
 
     kwargs = {"img_size": 16, "patch_size": 8, "num_classes": 3, "embed_dim": 32, "depth": 1, "num_heads": 2}
     torch.manual_seed(0)

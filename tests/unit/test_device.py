@@ -44,7 +44,7 @@ def _half_materialised() -> torch.nn.Module:
 def test_shard_move_keeps_meta_placeholders_and_moves_the_rest() -> None:
     """PruneActor's move to its reserved device, exercised on the meta device (the one non-CPU device every
     machine has): real tensors move, flags are kept, meta placeholders are left alone instead of failing."""
-    from cap_dist.distributed.actor import _materialised_to
+    from cap_dist.engines.distributed.actor import _materialised_to
 
     model = _half_materialised()
     _materialised_to(model, torch.device("meta"))
@@ -59,7 +59,7 @@ def test_shard_move_keeps_meta_placeholders_and_moves_the_rest() -> None:
 @pytest.mark.gpu
 @needs_cuda
 def test_shard_moves_to_cuda() -> None:
-    from cap_dist.distributed.actor import _materialised_to
+    from cap_dist.engines.distributed.actor import _materialised_to
 
     model = _half_materialised()
     _materialised_to(model, torch.device("cuda"))

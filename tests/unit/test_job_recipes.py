@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from cap_dist.config import Recipe, load_recipe
-from cap_dist.finetune.config import schedule_sparsities
+from cap_dist.finetune.schedule import schedule_sparsities
 
 ROOT = Path(__file__).resolve().parents[2]
 JOBS = ROOT / "jobs"
@@ -55,24 +55,23 @@ def test_flagship_recipes_exist() -> None:
 @pytest.mark.parametrize("name", timm_recipes())
 def test_timm_model_splits_and_plans_on_the_recipes_actors(name: str) -> None:
     """The driver's own planning path (meta-device skeleton -> stage costs -> contiguous actor ranges)."""
-    from cap_dist.distributed.driver import _stage_costs
-    from cap_dist.distributed.plan import plan_actors
+    from cap_dist.core import select_layers
+    from cap_dist.engines.distributed.driver import stage_costs
+    from cap_dist.engines.distributed.plan import plan_actors
     from cap_dist.models.families import group_layers, split_blocks
-    from cap_dist.models.loading import build_skeleton
-    from cap_dist.pipeline import select_layers
+    from cap_dist.models.source import ModelSource
 
     r = recipe(name)
-    with torch.device("meta"):
-        model = build_skeleton(r.model.source, r.model.create_kwargs)
+    model = ModelSource.of(r.model).meta_skeleton()
     assert all(p.device.type == "meta" for p in model.parameters())
     blocks = split_blocks(model)
     if name in FLAGSHIPS:
         assert blocks.family == FLAGSHIPS[name]
-    layers = select_layers(r, model)
+    layers = select_layers(model, r.model)
     per_block = group_layers(layers, blocks)                    # every prunable layer lies in exactly one block
     assert sum(len(g) for g in per_block) == len(layers) > 0
 
-    costs, n_blocks = _stage_costs(r, r.calibration.samples or 0)
+    costs, n_blocks = stage_costs(r, model)
     assert n_blocks == len(blocks)
     plans = plan_actors(costs, r.distributed.actors, n_blocks)
     assert len(plans) == r.distributed.actors
@@ -82,10 +81,11 @@ def test_timm_model_splits_and_plans_on_the_recipes_actors(name: str) -> None:
 
 def test_vitg_sizing_comment_matches_the_model() -> None:
     """The ViT-g recipe's comments quote 160 layers and 7.6 GB of float64 Hessians; hold them to the model."""
-    from cap_dist.distributed.driver import _stage_costs
+    from cap_dist.engines.distributed.driver import stage_costs
+    from cap_dist.models.source import ModelSource
 
     r = recipe("dinov2_vitg14_oneshot50.yaml")
-    costs, n_blocks = _stage_costs(r, r.calibration.samples or 0)
+    costs, n_blocks = stage_costs(r, ModelSource.of(r.model).meta_skeleton())
     assert n_blocks == 40
     hessians = sum(c.hessian_bytes for c in costs)
     assert abs(hessians / 1e9 - 7.63) < 0.05

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from cap_dist.distributed.plan import StageCost, plan_actors
+from cap_dist.engines.distributed.plan import StageCost, plan_actors
 
 
 def stages(block_loads: list[int]) -> list[StageCost]:

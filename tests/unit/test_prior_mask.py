@@ -86,14 +86,14 @@ def test_dense_zeros_that_overfill_an_n_m_group_do_not_block_the_pattern() -> No
     """A dense model's own zeros (e.g. a dead input channel) may exceed M − N in a group: the pipeline forces only
     M − N of them, so 2:4 still prunes (found on the real EfficientNet-Lite0)."""
     from cap_dist.config import recipe_from_dict
-    from cap_dist.pipeline import prior_mask_of
+    from cap_dist.core import prior_mask_of
     from cap_dist.solvers.patterns import is_valid_n_m, parse_pattern
 
     w, _, h = correlated_problem(rows=8, cols=16, samples=200, seed=2)
     w[:, :3] = 0.0                                                    # 3 zeros in the first group of every row
     recipe = recipe_from_dict({"model": {"source": "x"}, "calibration": {"uri": "x"}, "output": "x",
                                "prune": {"pattern": "2:4", "block_size": 8}})
-    prior = prior_mask_of(w, recipe)
+    prior = prior_mask_of(w, recipe.prune)
     assert int(prior[:, :4].sum(1).max()) == 2
     res = prune_layer(w, h, method="cap", sparsity=0.5, pattern="2:4", block_size=8, prior_mask=prior)
     assert is_valid_n_m(res.mask, parse_pattern("2:4"))

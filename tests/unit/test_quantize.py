@@ -143,7 +143,7 @@ def on_int8_grid(row: torch.Tensor) -> bool:
 
 
 def test_pipeline_quantizes_pruned_layers_to_int8(workdir: Path) -> None:
-    from cap_dist.pipeline import prune
+    from cap_dist.engines import prune
 
     plain = prune(recipe_from_dict(recipe_tree(workdir, "plain")), write=False)
     quant = prune(recipe_from_dict(recipe_tree(workdir, "int8", quantize={"bits": 8})), write=False)
@@ -162,7 +162,7 @@ def test_pipeline_quantizes_pruned_layers_to_int8(workdir: Path) -> None:
 def test_pipeline_int4_output_exports_compact_with_codes(workdir: Path) -> None:
     from cap_dist.compact import COMPACT, compact_from_output, load_compact
     from cap_dist.output import load_sparse, read_manifest
-    from cap_dist.pipeline import prune
+    from cap_dist.engines import prune
 
     recipe = recipe_from_dict(recipe_tree(workdir, "int4", quantize={"bits": 4, "group_size": 16}))
     report = prune(recipe)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from cap_dist.distributed.memory import StageMemory, current_rss_mb, peak_rss_mb
+from cap_dist.engines.distributed.memory import StageMemory, current_rss_mb, peak_rss_mb
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm (Linux)")
 
@@ -30,7 +30,7 @@ def test_stage_peaks_name_the_stage_that_allocated() -> None:
 
 CHURN = r"""
 import sys, torch
-from cap_dist.distributed.memory import current_rss_mb, map_large_blocks
+from cap_dist.engines.distributed.memory import current_rss_mb, map_large_blocks
 if sys.argv[1] == "mapped":
     assert map_large_blocks()
 before = current_rss_mb()
@@ -43,7 +43,7 @@ print(current_rss_mb() - before)
 """
 
 
-@pytest.mark.skipif(__import__("cap_dist.distributed.memory", fromlist=["_glibc"])._glibc() is None,
+@pytest.mark.skipif(__import__("cap_dist.engines.distributed.memory", fromlist=["_glibc"])._glibc() is None,
                     reason="needs glibc's mallopt")
 def test_mapped_large_blocks_go_back_to_the_kernel_when_freed() -> None:
     import subprocess

@@ -27,11 +27,12 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from tqdm.auto import tqdm
 
 from cap_dist.config import Recipe
-from cap_dist.distributed.actor import PruneActor
-from cap_dist.distributed.plan import ActorPlan, StageCost, plan_actors, plan_json, plan_table
+from cap_dist.core import (LayerRecord, PruneResult, check_layers_fit, curve_depth, estimated_solve_flops,
+                           layer_levels, layer_table, model_stages, needs_loss_curves, select_layers)
+from cap_dist.engines.distributed.actor import PruneActor
+from cap_dist.engines.distributed.plan import ActorPlan, StageCost, plan_actors, plan_json, plan_table
 from cap_dist.models.capture import layer_columns
-from cap_dist.solvers import allocate_global
-from cap_dist.solvers.patterns import parse_pattern
+from cap_dist.models.source import ModelSource
 from cap_dist.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -39,32 +40,27 @@ log = logging.getLogger(__name__)
 ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
-def _stage_costs(recipe: Recipe, n_samples: int) -> tuple[list[StageCost], int]:
-    """Costs of prefix, blocks and suffix from a meta-device skeleton (no weights read)."""
+def stage_costs(recipe: Recipe, skeleton: torch.nn.Module) -> tuple[list[StageCost], int]:
+    """Costs of prefix, blocks and suffix from the model's meta-device skeleton (no weights read); also refuses,
+    before anything is calibrated, a pattern or quantization group that some layer does not fit."""
     from cap_dist.models.families import split_blocks
-    from cap_dist.models.loading import build_skeleton
-    from cap_dist.pipeline import check_layers_fit, model_stages, select_layers
 
-    with torch.device("meta"):
-        model = build_skeleton(recipe.model.source, recipe.model.create_kwargs)
-    layers = select_layers(recipe, model)
-    check_layers_fit(recipe, layers)                 # (the driver also checks this before calibrating)
-    stages = model_stages(model, layers, None)
-    parts = split_blocks(model)
-    block_size = recipe.prune.block_size or 10**9
+    layers = select_layers(skeleton, recipe.model)
+    check_layers_fit(recipe.prune, layers)
+    stages = model_stages(skeleton, layers, None)
+    parts = split_blocks(skeleton)
     costs = []
     for stage in stages:
         if stage.name in ("prefix", "suffix"):
             members = [m for i in range(len(parts.blocks)) for m in parts.members(i)]
-            params = [p for n, p in model.named_parameters() if not any(n.startswith(m + ".") for m in members)]
+            params = [p for n, p in skeleton.named_parameters() if not any(n.startswith(m + ".") for m in members)]
             weight_bytes = sum(p.numel() * 4 for p in params) // 2
         else:
             i = parts.names.index(stage.name)
             weight_bytes = sum(p.numel() * 4 for m in parts.members(i)
-                               for p in model.get_submodule(m).parameters())
+                               for p in skeleton.get_submodule(m).parameters())
         hess = sum(layer_columns(m) ** 2 * 8 for m in stage.layers.values())
-        flops = sum(m.weight.shape[0] * layer_columns(m) * min(block_size, layer_columns(m)) ** 2
-                    for m in stage.layers.values())
+        flops = sum(estimated_solve_flops(m, recipe.prune) for m in stage.layers.values())
         costs.append(StageCost(stage.name, weight_bytes, hess, float(flops)))
     return costs, len(parts.blocks)
 
@@ -95,7 +91,8 @@ def _check_resources(recipe: Recipe) -> None:
         raise ValueError(f"distributed.memory_gb={cfg.memory_gb} per actor exceeds the cluster's memory")
 
 
-def _start_actors(recipe: Recipe, plans: list[ActorPlan], attempt: int, run_id: str) -> list[Any]:
+def _start_actors(recipe: Recipe, source: ModelSource, plans: list[ActorPlan], attempt: int,
+                  run_id: str) -> list[Any]:
     """Actors named cap-dist-<recipe hash>-<run>-<attempt>-<index> (unique per run: a rerun of the same recipe
     must not collide with the names of actors that are still being torn down)."""
     cfg = recipe.distributed
@@ -120,22 +117,21 @@ def _start_actors(recipe: Recipe, plans: list[ActorPlan], attempt: int, run_id: 
     actors = []
     for p in plans:
         opts = dict(options, name=options["name"].format(p.index))
-        actors.append(remote.options(**opts).remote(recipe_dict, list(p.stages), p.index))
+        actors.append(remote.options(**opts).remote(recipe_dict, source, list(p.stages), p.index))
     return actors
 
 
 def _levels(recipe: Recipe, actors: list[Any]) -> dict[str, float]:
+    """Every layer's target: the recipe's level, or a global allocation over the loss curves the actors compute
+    from the Hessians they hold."""
     cfg = recipe.prune
     names = [n for names in ray.get([a.layer_names.remote() for a in actors]) for n in names]
-    pattern = parse_pattern(cfg.pattern)
-    uniform = pattern.sparsity if pattern.structured else cfg.sparsity
-    if cfg.allocation == "uniform":
-        return {n: uniform for n in names}
-    depth = min(1.0, cfg.max_layer_sparsity + 0.5 * (1.0 - cfg.max_layer_sparsity))
-    curves: dict[str, Any] = {}
-    for part in ray.get([a.loss_curves.remote(depth) for a in actors]):
-        curves.update(part)
-    return allocate_global(curves, cfg.sparsity, normalize=True, max_layer_sparsity=cfg.max_layer_sparsity)
+    curves: dict[str, Any] | None = None
+    if needs_loss_curves(cfg):
+        curves = {}
+        for part in ray.get([a.loss_curves.remote(curve_depth(cfg)) for a in actors]):
+            curves.update(part)
+    return layer_levels(cfg, names, curves)
 
 
 def _stream_dense(actors: list[Any], batch_refs: list[Any]) -> None:
@@ -202,22 +198,24 @@ def _attempt(recipe: Recipe, actors: list[Any], batch_refs: list[Any], failures:
     return {"levels": levels, "timings": timings}
 
 
-def prune_distributed(recipe: Recipe) -> dict[str, Any]:
-    """Run a recipe on Ray; writes the same output as the single-process pipeline.  Returns the manifest."""
+def prune_distributed(recipe: Recipe, write: bool = True) -> PruneResult:
+    """Run a recipe on Ray; writes the same output as the local engine (plus each actor's stats and the plan)."""
+    from cap_dist.data.draw import draw_batches
     from cap_dist.output import write_output
-    from cap_dist.pipeline import calibration_batches, layer_table, LayerRecord
 
+    if not write:
+        raise ValueError("the Ray engine writes its layers as it solves them: it always needs an output (write=True)")
     if recipe.prune.curvature == "fisher":
         raise ValueError("prune.curvature=fisher needs whole-model backward passes; run it with engine=local")
     if recipe.distributed.actors < 1:
         raise ValueError(f"distributed.actors={recipe.distributed.actors}: need at least 1 actor")
-    from cap_dist import storage
-
-    storage.configure(recipe.storage)
     total_start = time.perf_counter()
-    _stage_costs(recipe, 1)                          # a pattern/group no layer fits fails here, not after calibrating
-    calibration = calibration_batches(recipe, _input_spec(recipe))
-    costs, n_blocks = _stage_costs(recipe, sum(x.shape[0] for x, _ in calibration))
+    source = ModelSource.of(recipe.model)
+    skeleton = source.meta_skeleton()
+    costs, n_blocks = stage_costs(recipe, skeleton)  # a pattern/group no layer fits fails here, not after calibrating
+    input_spec = source.input_spec(skeleton)
+    del skeleton
+    calibration = draw_batches(recipe.calibration, input_spec, purpose="calibration")
     plans = plan_actors(costs, recipe.distributed.actors, n_blocks)
     print(plan_table(plans))
     connect(recipe)
@@ -227,11 +225,11 @@ def prune_distributed(recipe: Recipe) -> dict[str, Any]:
     failures: dict[str, int] = {}
     run_id = uuid.uuid4().hex[:8]
     for attempt in range(recipe.distributed.max_attempts):
-        actors = _start_actors(recipe, plans, attempt, run_id)
+        actors = _start_actors(recipe, source, plans, attempt, run_id)
         try:
             result = _attempt(recipe, actors, batch_refs, failures)
             # Gathering is part of the attempt: an actor lost now is recovered like one lost while solving.
-            records = [r for part in ray.get([a.get_records.remote() for a in actors]) for r in part]
+            records = [LayerRecord(**r) for part in ray.get([a.get_records.remote() for a in actors]) for r in part]
             ray.get([a.release.remote() for a in actors])
             write_start = time.perf_counter()
             state: dict[str, torch.Tensor] = {}
@@ -257,29 +255,12 @@ def prune_distributed(recipe: Recipe) -> dict[str, Any]:
     for actor in actors:
         ray.kill(actor, no_restart=True)
     timings = dict(result["timings"], load=max(s["load_seconds"] for s in stats))
-    manifest = write_output(recipe, state, records, _input_spec(recipe), timings,
-                            extra={"engine": "ray", "actors": stats, "plan": [list(p.stages) for p in plans]})
+    manifest = write_output(recipe, state, [r.row() for r in records], input_spec, timings,
+                            extra={"engine": "ray", "actors": stats, "plan": [list(p.stages) for p in plans]},
+                            source=source)
     del state
     timings.update(write=time.perf_counter() - write_start, total=time.perf_counter() - total_start)
     manifest["timings"] = timings
-    print(layer_table([LayerRecord(**r) for r in records]))
-    return manifest
-
-
-def _input_spec(recipe: Recipe) -> dict[str, Any]:
-    import json
-
-    from cap_dist.storage import read_bytes
-
-    source = recipe.model.source
-    if source.startswith("timm:") or source.startswith("pypi:"):
-        from cap_dist.models.loading import build_skeleton, input_spec_from_timm
-
-        if source.startswith("pypi:"):
-            from cap_dist.models.loading import load_model
-
-            return load_model(source)[1]
-        with torch.device("meta"):
-            model = build_skeleton(source, recipe.model.create_kwargs)
-        return input_spec_from_timm(model, recipe.model.create_kwargs.get("img_size"))
-    return json.loads(read_bytes(f"{source.rstrip('/')}/model.json")).get("input", {})
+    print(layer_table(records))
+    return PruneResult(recipe=recipe, engine="ray", layers=records, timings=timings, input_spec=input_spec,
+                       manifest=manifest)

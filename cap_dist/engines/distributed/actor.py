@@ -2,8 +2,8 @@
 
 An actor reads only its blocks' weights (ranged safetensors reads, local or from any URI) into a model
 skeleton built on the meta device, so no process ever materialises the whole model.  It folds every
-calibration batch that passes through into its layers' Hessians, solves its layers with the same code as
-the single-process pipeline, and writes each solved layer atomically (weights, mask, stats, recipe hash)
+calibration batch that passes through into its layers' Hessians, solves its layers with the same core functions
+as the local engine (:mod:`cap_dist.core`), and writes each solved layer atomically (weights, mask, stats, recipe hash)
 so a rerun or a restarted actor skips what is done.
 """
 
@@ -20,12 +20,13 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from cap_dist.config import Recipe, recipe_from_dict
-from cap_dist.distributed.memory import StageMemory, map_large_blocks, peak_rss_mb, trim_heap
+from cap_dist.config import recipe_from_dict
+from cap_dist.core import (LayerRecord, Stage, collect_hessians, device_of, loss_curve, model_stages, run_stages,
+                           select_layers, solve_layer, solve_stage, take_curvature)
+from cap_dist.engines.distributed.memory import StageMemory, map_large_blocks, peak_rss_mb, trim_heap
 from cap_dist.models.capture import flattened_weight, set_flattened_weight
-from cap_dist.pipeline import (LayerRecord, Stage, _device, _solve_layer, _solve_stage_on_activations,
-                               _stage_hessians, level_with_prior, model_stages, prior_mask_of, select_layers)
-from cap_dist.solvers import HessianAccumulator, prune_layer
+from cap_dist.models.source import ModelSource
+from cap_dist.solvers import HessianAccumulator
 from cap_dist.storage import atomic_write_bytes, read_bytes, safetensors_header_of_bytes
 
 log = logging.getLogger(__name__)
@@ -35,17 +36,6 @@ def layer_file(output: str, layer: str) -> str:
     return f"{output.rstrip('/')}/layers/{layer}.safetensors"
 
 
-def weights_uri(recipe: Recipe) -> str | None:
-    """The safetensors file holding the dense weights, or None for sources without one (PyPI, hub)."""
-    source = recipe.model.source
-    if source.startswith("timm:"):
-        return recipe.model.weights
-    if source.startswith("pypi:"):
-        return None
-    with_json = json.loads(read_bytes(f"{source.rstrip('/')}/model.json"))
-    return f"{source.rstrip('/')}/{with_json.get('weights', 'model.safetensors')}"
-
-
 def _owned(key: str, member_prefixes: list[str], block_prefixes: list[str], owns_ends: bool) -> bool:
     if any(key == p or key.startswith(p + ".") for p in member_prefixes):
         return True
@@ -53,25 +43,22 @@ def _owned(key: str, member_prefixes: list[str], block_prefixes: list[str], owns
     return owns_ends and not in_any_block
 
 
-def load_shard(recipe: Recipe, stage_names: list[str]) -> tuple[nn.Module, dict[str, Any]]:
+def load_shard(source: ModelSource, stage_names: list[str]) -> nn.Module:
     """The model with only the parameters and buffers of ``stage_names`` materialised (the rest on meta)."""
     from cap_dist.models.families import split_blocks
-    from cap_dist.models.loading import build_skeleton, load_model
     from cap_dist.storage import load_tensor_subset
 
-    uri = weights_uri(recipe)
-    if uri is None:
+    if source.ranged_weights is None:
         # No safetensors file to read ranges from: load the whole (small, packaged) model.
-        return load_model(recipe.model.source, recipe.model.weights, recipe.model.create_kwargs)
-    with torch.device("meta"):
-        model = build_skeleton(recipe.model.source, recipe.model.create_kwargs)
+        return source.load()
+    model = source.meta_skeleton()
     parts = split_blocks(model)
     owned_blocks = [i for i, (name, _) in enumerate(parts.blocks) if name in stage_names]
     members = [m for i in owned_blocks for m in parts.members(i)]
     all_members = [m for i in range(len(parts.blocks)) for m in parts.members(i)]
     owns_ends = "prefix" in stage_names or "suffix" in stage_names
     keys = [k for k in model.state_dict() if _owned(k, members, all_members, owns_ends)]
-    tensors = load_tensor_subset(uri, keys)
+    tensors = load_tensor_subset(source.ranged_weights, keys)
     for key, tensor in tensors.items():
         module_name, _, attr = key.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
@@ -79,19 +66,13 @@ def load_shard(recipe: Recipe, stage_names: list[str]) -> tuple[nn.Module, dict[
             module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
         else:
             module._buffers[attr] = tensor
-    if recipe.model.source.startswith("timm:"):
-        from cap_dist.models.loading import input_spec_from_timm
-
-        spec = input_spec_from_timm(model, recipe.model.create_kwargs.get("img_size"))
-    else:
-        spec = json.loads(read_bytes(f"{recipe.model.source.rstrip('/')}/model.json")).get("input", {})
-    return model.eval(), spec
+    return model.eval()
 
 
 class PruneActor:
     """One shard of the model.  Created by the driver with ``ray.remote(PruneActor).options(...)``."""
 
-    def __init__(self, recipe: dict[str, Any], stage_names: list[str], index: int) -> None:
+    def __init__(self, recipe: dict[str, Any], source: ModelSource, stage_names: list[str], index: int) -> None:
         self.memory = StageMemory()                       # baseline: the runtime alone (torch, numba, ray)
         map_large_blocks()                                # temporaries go back to the kernel when freed
         self.recipe = recipe_from_dict(recipe)
@@ -106,14 +87,14 @@ class PruneActor:
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
         start = time.perf_counter()
         with self.memory.stage("load"):
-            self.model, _ = load_shard(self.recipe, stage_names)
+            self.model = load_shard(source, stage_names)
         # A GPU reserved with distributed.num_gpus is visible here (Ray sets CUDA_VISIBLE_DEVICES); recipe.device
         # auto/cuda then puts the shard, its Hessians and its solves on it. Activations travel between actors
         # and the driver on the host.
-        self.device = _device(self.recipe.device)
+        self.device = device_of(self.recipe.device)
         _materialised_to(self.model, self.device)
         self.load_seconds = time.perf_counter() - start
-        layers = select_layers(self.recipe, self.model)
+        layers = select_layers(self.model, self.recipe.model)
         self.stages: list[Stage] = [s for s in model_stages(self.model, layers, None) if s.name in stage_names]
         self.layers = {n: m for s in self.stages for n, m in s.layers.items()}
         self.accs: dict[str, HessianAccumulator] | None = None
@@ -126,39 +107,22 @@ class PruneActor:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dense pass of one batch through this shard, folding every layer's input into its Hessian."""
         start = time.perf_counter()
-        holder: list[torch.Tensor] = [x.to(self.device)]
-
-        def run() -> None:
-            h = holder[0]
-            for stage in self.stages:
-                h = stage.run(h)
-            holder[0] = h
-
+        out: list[torch.Tensor] = []
         with self.memory.stage("calibrate"):
-            self.accs = _stage_hessians(run, self.layers, self.recipe.prune.float64_hessians, self.accs)
+            self.accs = collect_hessians(lambda: out.append(run_stages(self.stages, x.to(self.device))),
+                                         self.layers, self.recipe.prune.float64_hessians, self.accs)
             trim_heap()
         self.calibrate_seconds += time.perf_counter() - start
-        return holder[0].cpu()
+        return out[0].cpu()
 
     def layer_names(self) -> list[str]:
         return list(self.layers)
 
-    def loss_curves(self, max_row_sparsity: float) -> dict[str, Any]:
-        """Per-layer removal-loss curves from the dense Hessians (for global allocation)."""
+    def loss_curves(self, depth: float) -> dict[str, Any]:
+        """Per-layer removal-loss curves from the dense Hessians (for the driver's global allocation)."""
         with self.memory.stage("allocate"):
-            return self._loss_curves(max_row_sparsity)
-
-    def _loss_curves(self, max_row_sparsity: float) -> dict[str, Any]:
-        cfg = self.recipe.prune
-        curves = {}
-        for name, module in self.layers.items():
-            weight = flattened_weight(module).clone().float()
-            prior = prior_mask_of(weight, self.recipe)
-            res = prune_layer(weight, self.accs[name].hessian().float(), method="cap",
-                              sparsity=level_with_prior(cfg.sparsity, prior, self.recipe), block_size=cfg.block_size,
-                              damp=cfg.damp, max_row_sparsity=max_row_sparsity, prior_mask=prior)
-            curves[name] = res.curve
-        return curves
+            return {name: loss_curve(module, self.accs[name].hessian(), self.recipe.prune, depth)
+                    for name, module in self.layers.items()}
 
     # -- solving -------------------------------------------------------------------------------------
 
@@ -195,9 +159,9 @@ class PruneActor:
             with self.memory.stage("solve"):
                 # The solvers work in float32 (as the local pipeline does); the float64 sum goes when the
                 # float32 copy exists.
-                hessian = acc.take_hessian(torch.float32)
+                hessian = take_curvature(acc, torch.float32)
                 del acc
-                record = _solve_layer(name, "independent", self.layers[name], hessian, self.recipe, level)
+                record = solve_layer(name, "independent", self.layers[name], hessian, self.recipe.prune, level)
                 del hessian
                 trim_heap()
             self._write(record)
@@ -227,7 +191,7 @@ class PruneActor:
                 if all(r is not None for r in resumed.values()):
                     self.records.update(resumed)
                 else:
-                    for rec in _solve_stage_on_activations(self.recipe, stage, hidden, levels, timings):
+                    for rec in solve_stage(stage, hidden, self.recipe.prune, levels, timings):
                         self._write(rec)
                         self.records[rec.layer] = rec
             with torch.no_grad():
