@@ -23,7 +23,7 @@ import yaml
 
 from cap_dist import storage
 from cap_dist.output import load_sparse
-from tests.s3.test_s3_pipeline import tree, upload_assets
+from tests.storage.test_s3 import tree, upload_assets
 from tests.s3server import free_port
 
 REPO = Path(__file__).resolve().parents[2]

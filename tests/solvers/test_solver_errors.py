@@ -9,7 +9,7 @@ import torch
 
 from cap_dist.solvers import prune_layer
 
-from tests.unit.synthetic import correlated_problem
+from tests.solvers.synthetic import correlated_problem
 
 
 @pytest.fixture

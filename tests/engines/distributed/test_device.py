@@ -7,7 +7,7 @@ import torch
 
 from cap_dist.solvers import prune_layer
 
-from tests.unit.synthetic import correlated_problem
+from tests.solvers.synthetic import correlated_problem
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

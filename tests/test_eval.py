@@ -1,7 +1,7 @@
 """Evaluation metrics against values worked out by hand, the DINO k-NN classifier on data whose answer is
 known, evaluate_model on a tiny timm ViT, and the layer-report plot.
 
-    python -m pytest tests/unit/test_eval.py -q
+    python -m pytest tests/test_eval.py -q
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from cap_dist.config import recipe_from_dict
 from cap_dist.core import select_layers
 from cap_dist.engines.local import prune_model
 
-from tests.unit.test_families import CASES
+from tests.models.test_families import CASES
 
 
 @pytest.mark.parametrize("mode", ["sequential", "independent"])

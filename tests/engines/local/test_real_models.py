@@ -1,4 +1,4 @@
-"""The pipeline on the real trained ViT and real MNIST digits (needs ../shared; skips without it)."""
+"""The local engine on the real trained ViT and real MNIST digits (needs ../shared; skips without it)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from cap_dist.eval import evaluate_model
 from cap_dist.models.source import load_model
 from cap_dist.engines import prune
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_vit4mnist_cap_half_sparse_keeps_accuracy(shared_dir: Path, tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 Images are tiny PNGs made here (every test knows the exact pixels it wrote), so the tests need no files;
 the two that read ../shared use the ``shared_dir`` fixture and skip without it.
 
-    python -m pytest tests/unit/test_data_sources.py -q
+    python -m pytest tests/data/test_data_sources.py -q
 """
 
 from __future__ import annotations

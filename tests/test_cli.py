@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from cap_dist.cli import main
 
-from tests.unit.synthetic import correlated_problem
+from tests.solvers.synthetic import correlated_problem
 
 
 def test_solve_writes_pruned_weight_and_mask(tmp_path: Path, capsys) -> None:

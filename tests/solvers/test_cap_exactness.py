@@ -7,7 +7,7 @@ import torch
 
 from cap_dist.solvers import prune_layer
 
-from tests.unit.synthetic import correlated_problem
+from tests.solvers.synthetic import correlated_problem
 
 
 def least_squares_fill(w_dense: torch.Tensor, h: torch.Tensor, free: torch.Tensor,

@@ -3,7 +3,7 @@
 Tests marked by the ``shared`` fixture read ``../shared`` (real weights and data) and skip when it is absent;
 the rest build tiny timm models from scratch, so they need no files and no downloads.
 
-    python -m pytest tests/unit/test_models_data.py -q
+    python -m pytest tests/models/test_models_data.py -q
 """
 
 from __future__ import annotations

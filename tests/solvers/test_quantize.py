@@ -12,7 +12,7 @@ from cap_dist.config import RecipeError, recipe_from_dict
 from cap_dist.solvers import prune_layer
 from cap_dist.solvers.quantize import dequantize, level_range, quantize, quantize_layer, quantize_rtn
 
-from tests.unit.synthetic import correlated_problem
+from tests.solvers.synthetic import correlated_problem
 
 QUANTIZERS = {"gptq": quantize_layer, "rtn": quantize_rtn}
 
@@ -120,7 +120,7 @@ def test_bad_arguments_are_clear() -> None:
 
 
 # The tiny ViT folder and images of the pipeline tests (module-scoped fixture, one copy per module).
-from tests.pipeline.test_pipeline import workdir  # noqa: E402,F401
+from tests.engines.local.test_pipeline import workdir  # noqa: E402,F401
 
 
 def recipe_tree(workdir: Path, name: str, **prune_cfg) -> dict:

@@ -7,7 +7,7 @@ import torch
 
 from cap_dist.solvers import is_valid_n_m, parse_pattern, prune_layer
 
-from tests.unit.synthetic import correlated_problem
+from tests.solvers.synthetic import correlated_problem
 
 SEEDS = range(3)
 CASES = [(0.5, "unstructured"), (0.75, "unstructured"), (0.9, "unstructured"), (0.5, "2:4")]

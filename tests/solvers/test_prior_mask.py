@@ -8,8 +8,8 @@ import torch
 
 from cap_dist.solvers import METHODS, prune_layer
 
-from tests.unit.synthetic import correlated_problem
-from tests.unit.test_cap_exactness import least_squares_fill
+from tests.solvers.synthetic import correlated_problem
+from tests.solvers.test_cap_exactness import least_squares_fill
 
 
 def _earlier_step(w: torch.Tensor, h: torch.Tensor, sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:

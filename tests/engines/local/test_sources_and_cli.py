@@ -20,7 +20,7 @@ from cap_dist.models.source import load_model
 from cap_dist.models.spec import ModelLoadError
 from cap_dist.engines import prune
 
-from tests.pipeline.test_pipeline import INPUT, VIT_KWARGS, recipe_tree, workdir  # noqa: F401  (fixture)
+from tests.engines.local.test_pipeline import INPUT, VIT_KWARGS, recipe_tree, workdir  # noqa: F401  (fixture)
 
 
 def _png(seed: int) -> bytes:

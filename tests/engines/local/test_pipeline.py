@@ -1,4 +1,4 @@
-"""The single-process pipeline end to end on tiny real timm models and real image files written here."""
+"""The local engine end to end on tiny real timm models and real image files written here."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from cap_dist.compact import (COMPACT, CorruptCompactError, compact_from_output,
 from cap_dist.output import CorruptOutputError
 from cap_dist.solvers.quantize import quantize_layer, quantize_rtn
 
-from tests.unit.synthetic import correlated_problem
+from tests.solvers.synthetic import correlated_problem
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
