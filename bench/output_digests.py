@@ -2,8 +2,10 @@
 no output: record them with the old tree, record them with the new one, compare.
 
     git worktree add /tmp/old <commit>
-    PYTHONPATH=/tmp/old python bench/output_digests.py record /tmp/before      # the old code, this script
+    (cd /tmp/old && PYTHONPATH=/tmp/old python $OLDPWD/bench/output_digests.py record /tmp/before)   # old code
     python bench/output_digests.py record /tmp/after
+
+(Ray puts the driver's working folder first on its workers' path: run the old code from its own checkout.)
     python bench/output_digests.py compare /tmp/before /tmp/after
 
 Each case writes one JSON: the sha256 of every tensor of the output, each layer's (sparsity, loss, target), the
