@@ -34,9 +34,10 @@ import torch
 from cap_dist.solvers.numerics import damped
 from cap_dist.solvers.patterns import Pattern, allocate_rows, removal_order
 
-RESOLVE_TOL = 1e-6
+RESOLVE_TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 """A row's conjugate gradients stop when a step lowers its objective by less than this fraction (or its
-relative residual is below it)."""
+relative residual is below it), per working precision: float64 solves to the optimum; float32 to the
+objective's own precision (the last 1e-6 of the objective is rounding there)."""
 RESOLVE_MAX_ITER = 200
 
 
@@ -52,7 +53,7 @@ def damped_curvature(hessian: torch.Tensor, damp: float, damp_mode: str, dtype: 
 
 
 def resolve_weights(dense: torch.Tensor, start: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor, *,
-                    damp: float, damp_mode: str = "relative", tol: float = RESOLVE_TOL,
+                    damp: float, damp_mode: str = "relative", tol: float | None = None,
                     max_iter: int = RESOLVE_MAX_ITER,
                     dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
     """Exact least-squares weights of every row on its kept set (the minimum of (1) for mask ``keep``).
@@ -69,6 +70,7 @@ def resolve_weights(dense: torch.Tensor, start: torch.Tensor, keep: torch.Tensor
     """
     t0 = time.perf_counter()
     dtype = dtype or (torch.float64 if start.dtype == torch.float64 else torch.float32)
+    tol = RESOLVE_TOL.get(dtype, 1e-6) if tol is None else tol
     tiny = torch.finfo(dtype).tiny
     hs = damped_curvature(hessian, damp, damp_mode, dtype)
     m = keep.to(dtype)
