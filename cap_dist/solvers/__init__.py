@@ -17,7 +17,9 @@ import torch
 from cap_dist.solvers import baselines
 from cap_dist.solvers.cap import cap_activation, cap_fisher
 from cap_dist.solvers.curvature import FisherAccumulator, HessianAccumulator
-from cap_dist.solvers.numerics import check_weight_hessian, layer_energy, quadratic_loss
+from cap_dist.solvers.numerics import (DAMP_MODES, check_damp_mode, check_weight_hessian, layer_energy, quadratic_loss,
+                                       relative_error)
+from cap_dist.solvers.polish import ADMM_RHO, admm_masks, refine_masks, resolve_weights
 from cap_dist.solvers.patterns import (LossCurve, Pattern, allocate_global, allocate_uniform, check_divisible,
                                        check_sparsity, is_valid_n_m, parse_pattern)
 from cap_dist.solvers.result import LayerResult
@@ -27,7 +29,10 @@ DEFAULT_CAP_BLOCK = 128
 """The block size recipes use for `cap` unless they say otherwise (see bench/solvers.py for why)."""
 DEFAULT_SPARSEGPT_BLOCK = 128
 
-__all__ = ["DEFAULT_CAP_BLOCK", "METHODS", "FisherAccumulator", "HessianAccumulator", "LayerResult", "LossCurve", "Pattern",
+DEFAULT_REFINE_BLOCK = 256
+"""Columns per block of the refinement sweeps when ``refine_block`` is not given (capped at the layer width)."""
+
+__all__ = ["DAMP_MODES", "DEFAULT_CAP_BLOCK", "METHODS", "relative_error", "FisherAccumulator", "HessianAccumulator", "LayerResult", "LossCurve", "Pattern",
            "allocate_global", "allocate_uniform", "is_valid_n_m", "parse_pattern", "prune_layer"]
 
 
@@ -55,7 +60,9 @@ def _check_prior(prior_mask: torch.Tensor | None, weight: torch.Tensor, sparsity
 def prune_layer(weight: torch.Tensor, hessian: torch.Tensor, *, method: str, sparsity: float,
                 pattern: str | Pattern = "unstructured", block_size: int | None = None, damp: float = 0.01,
                 backend: str = "auto", max_row_sparsity: float | None = None,
-                prior_mask: torch.Tensor | None = None) -> LayerResult:
+                prior_mask: torch.Tensor | None = None, damp_mode: str = "relative", refine: int = 0,
+                refine_block: int | None = None, admm: int = 0, admm_rho: float = ADMM_RHO,
+                resolve: bool = False, polish_damp: float | None = None) -> LayerResult:
     """Prune one layer.
 
     Args:
@@ -73,6 +80,28 @@ def prune_layer(weight: torch.Tensor, hessian: torch.Tensor, *, method: str, spa
         prior_mask: bool ``[out, in]``, True where a weight is already pruned and must stay pruned (the
             masks of earlier steps of gradual pruning). Every method removes these first; the target
             ``sparsity`` must be at least their fraction.
+        damp_mode: ``"relative"`` (the default above) or ``"mean"``: λ = damp·mean(diag H) added to every
+            input, dead inputs at H_ii = 1 — upstream SparseGPT's damping (``damp=0.01`` is its ``percdamp``),
+            so that ``sparsegpt`` and ``obs`` can run as their papers describe them (``sparsegpt`` and ``obs``
+            then also zero the weights of dead inputs first, as upstream does).  ``wanda`` uses no damping.
+        refine: mask refinement sweeps after the method (0 = off): every block of ``refine_block`` columns
+            is searched again by CAP's exact greedy OBS with the rest of the layer fixed, and a row takes the
+            new block mask and weights only when the exact objective falls (see :mod:`.polish`).  Per-row
+            counts, N:M groups and ``prior_mask`` are kept; unstructured blocks may re-spread removals over
+            rows.  Activation curvature only.
+        refine_block: columns per refinement block (default ``min(in, 256)``; a multiple of M for N:M).
+        admm: at most this many ADMM iterations on the mask after the method and ``refine`` (0 = off),
+            warm-started from their solution and its exact dual — the mechanism of ALPS (Meng et al. 2024),
+            which moves masks across the whole layer, not block by block.  Costs an eigendecomposition of
+            H and two [rows, in]·[in, in] products per iteration.  Use with ``resolve``.  The layer's exact
+            count, N:M groups and ``prior_mask`` are kept.  Activation curvature only.
+        admm_rho: ADMM's starting penalty on the unit-diagonal scaled curvature (smaller moves more of the
+            mask; it grows while the mask moves).
+        resolve: after the method (and refinement), re-solve every row's kept weights exactly for the
+            layer's quadratic (batched conjugate gradients, float64); rows that would not improve on the
+            undamped H keep their weights.  Activation curvature only.
+        polish_damp: relative damping of the curvature that ``refine`` and ``resolve`` minimise (default:
+            ``damp``).  Smaller is closer to the true objective.
 
     Returns:
         A :class:`LayerResult` on the device of ``weight``.
@@ -90,19 +119,33 @@ def prune_layer(weight: torch.Tensor, hessian: torch.Tensor, *, method: str, spa
     if hessian.device != weight.device:
         raise ValueError(f"weight is on {weight.device} but hessian on {hessian.device}; put both on one device")
     fisher = hessian.ndim == 3
+    check_damp_mode(damp_mode)
+    if not isinstance(refine, int) or isinstance(refine, bool) or refine < 0:
+        raise ValueError(f"refine={refine!r} must be a number of sweeps >= 0")
+    if refine_block is not None and (not isinstance(refine_block, int) or refine_block <= 0):
+        raise ValueError(f"refine_block={refine_block} must be a positive integer or None")
+    if polish_damp is not None and polish_damp < 0:
+        raise ValueError(f"polish_damp={polish_damp} must be >= 0")
+    if not isinstance(admm, int) or isinstance(admm, bool) or admm < 0:
+        raise ValueError(f"admm={admm!r} must be a number of iterations >= 0")
+    if not admm_rho > 0:
+        raise ValueError(f"admm_rho={admm_rho} must be > 0")
+    if fisher and (refine or resolve or admm):
+        raise ValueError("refine, admm and resolve need input-activation curvature (an [in, in] Hessian), not "
+                         "Fisher blocks")
     prior = _check_prior(prior_mask, weight, sparsity, pat, fisher)
     start = time.perf_counter()
     if method == "cap":
         if fisher:
-            out = cap_fisher(weight, hessian, sparsity, pat, damp, backend, max_row_sparsity)
+            out = cap_fisher(weight, hessian, sparsity, pat, damp, backend, max_row_sparsity, damp_mode)
         else:
             out = cap_activation(weight, hessian, sparsity, pat, block_size, damp, backend, max_row_sparsity,
-                                 prior)
+                                 prior, damp_mode)
     elif method == "sparsegpt":
         out = baselines.sparsegpt(weight, hessian, sparsity, pat, damp, block_size or DEFAULT_SPARSEGPT_BLOCK,
-                                  prior)
+                                  prior, damp_mode)
     elif method == "obs":
-        out = baselines.obs_oneshot(weight, hessian, sparsity, pat, damp, prior)
+        out = baselines.obs_oneshot(weight, hessian, sparsity, pat, damp, prior, damp_mode)
     elif method == "wanda":
         out = baselines.wanda(weight, hessian, sparsity, pat, prior)
     else:
@@ -110,6 +153,9 @@ def prune_layer(weight: torch.Tensor, hessian: torch.Tensor, *, method: str, spa
     if prior is not None and bool((out["mask"] & prior).any()):
         raise RuntimeError(f"{method} kept {int((out['mask'] & prior).sum())} weights that were already pruned; "
                            "this is a bug in cap-dist, please report it")
+    if refine or resolve or admm:
+        out = _polish(out, weight, hessian, pat, prior, refine, refine_block, admm, admm_rho, resolve,
+                      damp if polish_damp is None else polish_damp, damp_mode, backend)
     seconds = time.perf_counter() - start
     pruned = out["weight"].to(weight.dtype)
     exact = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -121,3 +167,42 @@ def prune_layer(weight: torch.Tensor, hessian: torch.Tensor, *, method: str, spa
                 curvature="fisher" if fisher else "activations")
     return LayerResult(weight=pruned, mask=out["mask"], losses=out["losses"].to(weight.dtype), loss=loss,
                        energy=energy, curve=curve, removal_step=out.get("removal_step"), info=info)
+
+
+def _polish(out: dict, weight: torch.Tensor, hessian: torch.Tensor, pat: Pattern, prior: torch.Tensor | None,
+            refine: int, refine_block: int | None, admm: int, admm_rho: float, resolve: bool, damp: float,
+            damp_mode: str,
+            backend: str) -> dict:
+    """Refinement sweeps and the exact re-solve on a method's result (see :mod:`cap_dist.solvers.polish`).
+
+    The whole layer falls back to the method's own result if polishing did not lower the undamped objective
+    (it minimises the damped one), so ``refine``/``resolve`` never make a layer worse on its own inputs."""
+    w, keep = out["weight"], out["mask"]
+    info = dict(out["info"])
+    if refine:
+        width = min(weight.shape[1], refine_block or DEFAULT_REFINE_BLOCK)
+        if pat.structured:
+            width = max(pat.m, width // pat.m * pat.m)
+        w, keep, extra = refine_masks(weight, w, keep, hessian, pat, prior, width=width, sweeps=refine,
+                                      damp=damp, damp_mode=damp_mode, backend=backend)
+        info.update(extra)
+    if admm:
+        w, keep, extra = admm_masks(weight, w, keep, hessian, pat, prior, iterations=admm, damp=damp,
+                                    damp_mode=damp_mode, rho=admm_rho)
+        info.update(extra)
+    if resolve:
+        w, extra = resolve_weights(weight, w, keep, hessian, damp=damp, damp_mode=damp_mode)
+        info.update(extra)
+    h = hessian.double()
+    before = quadratic_loss(out["weight"].double() - weight.double(), h)
+    after = quadratic_loss(w.double() - weight.double(), h)
+    info.update(polish_damp=damp, loss_before_polish=before)
+    if after > before:
+        info["polish_reverted"] = True
+        return dict(out, info=info)
+    changed = out["mask"] != keep
+    losses = out["losses"]
+    if bool(changed.any()):                    # a refined mask has no greedy trace (the curve stays the greedy's)
+        losses = torch.zeros_like(losses)
+        out = dict(out, removal_step=None)
+    return dict(out, weight=w, mask=keep, losses=losses, info=info)

@@ -67,15 +67,18 @@ def wanda(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern:
 
 
 def obs_oneshot(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern,
-                damp: float, prior: torch.Tensor | None = None) -> dict:
+                damp: float, prior: torch.Tensor | None = None, damp_mode: str = "relative") -> dict:
     """One-shot OBS (WoodFisher / oBERT): score every weight once against the dense H⁻¹,
     ρ_p = w_p² / (2[H⁻¹]_pp), remove the lowest, and apply the *summed* single-weight updates
         δw = −Σ_{p∈P} (w_p / [H⁻¹]_pp) · H⁻¹[:, p],
-    which ignores the correlations between removed weights (what CAP fixes)."""
+    which ignores the correlations between removed weights (what CAP fixes).
+
+    ``damp_mode="mean"``: upstream SparseGPT's damping and its handling of dead inputs (their weights are
+    zeroed first: they never reach the output), the convention of the OBS-family code it grew from."""
     work = weight.dtype if weight.dtype == torch.float64 else torch.float32
-    fac = cholesky_inverse_escalating(hessian, damp, work_dtype=work)
+    fac = cholesky_inverse_escalating(hessian, damp, work_dtype=work, mode=damp_mode)
     hinv = fac.inverse
-    w = weight.to(work)
+    w = _zero_dead(weight.to(work), hessian, damp_mode)
     if hessian.ndim == 3:                                           # Fisher blocks, each with its own H⁻¹
         n_blocks, width, _ = hinv.shape
         flat = w.reshape(n_blocks, width)
@@ -93,21 +96,36 @@ def obs_oneshot(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pa
     return _result(w + delta, keep, scores, info)
 
 
+def _zero_dead(w: torch.Tensor, hessian: torch.Tensor, damp_mode: str) -> torch.Tensor:
+    """Upstream SparseGPT's ``W[:, dead] = 0`` (``damp_mode="mean"`` only; the default leaves W as given)."""
+    if damp_mode != "mean" or hessian.ndim != 2:
+        return w
+    dead = torch.diagonal(hessian) == 0
+    if not bool(dead.any()):
+        return w
+    w = w.clone()
+    w[:, dead] = 0.0
+    return w
+
+
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern, damp: float,
-              block_size: int = 128, prior: torch.Tensor | None = None) -> dict:
+              block_size: int = 128, prior: torch.Tensor | None = None, damp_mode: str = "relative") -> dict:
     """SparseGPT (Frantar & Alistarh 2023): one left-to-right column sweep with U = chol(H⁻¹)ᵀ.
 
     Masks are chosen per block of ``block_size`` columns from w² / U_jj² (the block's exact share
     of the layer target, over all rows; N:M per group as the sweep reaches it).  Column j is then
     fixed and its error err = (w_j − q_j)/U_jj is carried to the rest of the block at once and to
     later blocks lazily:  W[:, later] −= Err · U[block, later].
+
+    ``damp_mode="mean"`` is upstream's ``fasterprune`` numerics: dead inputs get H_ii = 1 and zero weights, and
+    λ = damp·mean(diag H) is added to every input (``damp=0.01`` is upstream's ``percdamp``).
     """
     if hessian.ndim != 2:
         raise ValueError("sparsegpt needs input-activation curvature (an [in, in] Hessian), not Fisher blocks")
     rows, cols = weight.shape
     work = weight.dtype if weight.dtype == torch.float64 else torch.float32
-    u, fac = inverse_factor(hessian, damp, work)                           # UᵀU = H⁻¹
-    w = weight.to(work).clone()
+    u, fac = inverse_factor(hessian, damp, work, damp_mode)                # UᵀU = H⁻¹
+    w = _zero_dead(weight.to(work), hessian, damp_mode).clone()
     keep = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
     losses = torch.zeros(rows, cols, dtype=work, device=weight.device)
     removed = 0

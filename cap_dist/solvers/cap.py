@@ -81,7 +81,8 @@ def _forced_prefix(prior_block: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 def cap_activation(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern,
                    block_size: int | None, damp: float, backend: str = "auto",
-                   max_row_sparsity: float | None = None, prior: torch.Tensor | None = None) -> dict:
+                   max_row_sparsity: float | None = None, prior: torch.Tensor | None = None,
+                   damp_mode: str = "relative") -> dict:
     """CAP with an input Hessian [in, in]; returns the fields of a LayerResult (without energy).
 
     ``prior`` (bool [out, in], True = already pruned): weights that must end pruned (gradual pruning keeps
@@ -101,7 +102,7 @@ def cap_activation(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
                              f"have more than {pattern.n_prune} zeros")
     work = weight.dtype if weight.dtype == torch.float64 else torch.float32
     t0 = time.perf_counter()
-    u, fac = inverse_factor(hessian, damp, work)                           # UᵀU = H⁻¹
+    u, fac = inverse_factor(hessian, damp, work, damp_mode)                # UᵀU = H⁻¹
     t_factor = time.perf_counter() - t0
     w = weight.to(work).clone()
     keep = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
@@ -161,7 +162,8 @@ def cap_activation(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
 
 
 def cap_fisher(weight: torch.Tensor, fisher_blocks: torch.Tensor, sparsity: float, pattern: Pattern,
-               damp: float, backend: str = "auto", max_row_sparsity: float | None = None) -> dict:
+               damp: float, backend: str = "auto", max_row_sparsity: float | None = None,
+               damp_mode: str = "relative") -> dict:
     """CAP with block-diagonal empirical Fisher ``[numel/B, B, B]`` (independent blocks)."""
     rows, cols = weight.shape
     n_blocks, width, _ = fisher_blocks.shape
@@ -169,7 +171,7 @@ def cap_fisher(weight: torch.Tensor, fisher_blocks: torch.Tensor, sparsity: floa
         raise ValueError(f"Fisher block size {width} and input width {cols} must be multiples of M={pattern.m}")
     search, replay, backend = _kernels(backend, weight.device)
     work = weight.dtype if weight.dtype == torch.float64 else torch.float32
-    fac = cholesky_inverse_escalating(fisher_blocks, damp, work_dtype=work)
+    fac = cholesky_inverse_escalating(fisher_blocks, damp, work_dtype=work, mode=damp_mode)
     flat = weight.to(work).reshape(n_blocks, width)
     dev = weight.device
     which = torch.arange(n_blocks, device=dev)

@@ -11,6 +11,8 @@ import torch
 log = logging.getLogger(__name__)
 
 MAX_DAMP_ESCALATIONS = 8
+DAMP_MODES = ("relative", "mean")
+"""``relative``: cap-dist's per-input damping (the default); ``mean``: upstream SparseGPT's λ = damp·mean(diag H)."""
 
 
 def check_weight_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> None:
@@ -49,7 +51,13 @@ class Factorization:
     notes: list[str] = field(default_factory=list)
 
 
-def damped(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, int]:
+def check_damp_mode(mode: str) -> str:
+    if mode not in DAMP_MODES:
+        raise ValueError(f"damp_mode={mode!r} is not one of {', '.join(map(repr, DAMP_MODES))}")
+    return mode
+
+
+def damped(hessian: torch.Tensor, damp: float, mode: str = "relative") -> tuple[torch.Tensor, float, int]:
     """Relative damping, per input: H_ii ← H_ii·(1 + damp) + damp·1e-4·mean(diag H).
 
     Scaling each diagonal entry by its own size (rather than adding damp·mean(diag H) to all, as
@@ -61,14 +69,26 @@ def damped(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, int
 
     Works for one [n, n] matrix and for a stack of Fisher blocks (one mean for the whole layer).
 
+    ``mode="mean"`` is upstream SparseGPT's damping (``fasterprune``): dead inputs get H_ii = 1, then every
+    diagonal entry gets λ = damp·mean(diag H) (the mean over all inputs after that, as upstream computes it).
+    It is offered so that the baselines can be run as their papers describe them.
+
     Returns:
         (damped H, the floor λ added to every input, number of dead inputs)
     """
     if damp < 0:
         raise ValueError(f"damp={damp} must be >= 0 (relative damping, e.g. 0.01)")
+    check_damp_mode(mode)
     h = hessian.clone()
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
     dead = diag == 0
+    if mode == "mean":
+        if not bool((~dead).any()):
+            raise ValueError("the Hessian is all zeros: the layer saw no (nonzero) calibration input")
+        diag[dead] = 1.0
+        lam = damp * float(diag.mean())
+        diag.add_(lam)
+        return h, lam, int(dead.sum())
     mean_diag = float(diag[~dead].mean()) if (~dead).any() else 0.0
     if mean_diag == 0.0:
         raise ValueError("the Hessian is all zeros: the layer saw no (nonzero) calibration input")
@@ -81,14 +101,14 @@ def damped(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, int
 
 
 def cholesky_inverse_escalating(hessian: torch.Tensor, damp: float,
-                                work_dtype: torch.dtype | None = None) -> Factorization:
+                                work_dtype: torch.dtype | None = None, mode: str = "relative") -> Factorization:
     """(damped H)⁻¹ via Cholesky, multiplying the damping by 10 on failure (logged, recorded)."""
     work_dtype = work_dtype or (torch.float64 if hessian.dtype == torch.float64 else torch.float32)
     base = hessian.to(work_dtype)
     current = damp
     notes: list[str] = []
     for escalation in range(MAX_DAMP_ESCALATIONS + 1):
-        h, lam, n_dead = damped(base, current)
+        h, lam, n_dead = damped(base, current, mode)
         chol, info = torch.linalg.cholesky_ex(h)
         del h                                  # at most three n×n matrices alive: H, its factor, its inverse
         if int(info.max()) == 0:
@@ -102,10 +122,11 @@ def cholesky_inverse_escalating(hessian: torch.Tensor, damp: float,
                      "check the calibration data (NaN activations, too few samples)")
 
 
-def inverse_factor(hessian: torch.Tensor, damp: float, work_dtype: torch.dtype) -> tuple[torch.Tensor, Factorization]:
+def inverse_factor(hessian: torch.Tensor, damp: float, work_dtype: torch.dtype,
+                   mode: str = "relative") -> tuple[torch.Tensor, Factorization]:
     """U with UᵀU = (damped H)⁻¹, and how the damping went.  The n×n inverse is dropped once U exists (the
     column-sweep solvers, cap/sparsegpt/GPTQ, need only U), so a solve holds one n×n matrix less."""
-    fac = cholesky_inverse_escalating(hessian, damp, work_dtype=work_dtype)
+    fac = cholesky_inverse_escalating(hessian, damp, work_dtype=work_dtype, mode=mode)
     u = upper_cholesky(fac.inverse)
     fac.inverse = None
     return u, fac
@@ -128,3 +149,17 @@ def layer_energy(weight: torch.Tensor, hessian: torch.Tensor) -> float:
 def quadratic_loss(delta: torch.Tensor, hessian: torch.Tensor) -> float:
     """½·Σ_rows δw H δwᵀ: the increase of the layer objective for a weight change δW."""
     return layer_energy(delta, hessian)
+
+
+def relative_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
+    """‖(W−Ŵ)X‖²/‖WX‖² = tr(δW H δWᵀ)/tr(W H Wᵀ) on the curvature given (pass the undamped H).
+
+    The true objective of a layer pruner: damping is a numerical device of the solvers, so methods are
+    compared on the H of the calibration inputs themselves (what :attr:`LayerResult.relative_error` reports).
+    Computed in float64, so a near-singular H does not lose the comparison to rounding."""
+    if hessian.ndim != 2 or weight.shape != pruned.shape or hessian.shape[0] != weight.shape[1]:
+        raise ValueError(f"relative_error needs weight and pruned of one shape [out, in] and H [in, in]; got "
+                         f"{tuple(weight.shape)}, {tuple(pruned.shape)}, {tuple(hessian.shape)}")
+    h = hessian.double()
+    energy = layer_energy(weight.double(), h)
+    return quadratic_loss(pruned.double() - weight.double(), h) / energy if energy > 0 else float("nan")

@@ -1,0 +1,284 @@
+"""After the greedy: better masks by exact block re-search, and exact weights on the final mask.
+
+The layer objective, for a mask K (True = kept) and damped curvature Hₛ, is
+    f(Ŵ) = Σ_r (w_r − ŵ_r) Hₛ (w_r − ŵ_r)ᵀ   with ŵ_r = 0 off K_r.                       (1)
+CAP's blocked greedy fixes each block's mask before the columns to its right are known, and its weights
+are exact only for the block structure, not for (1).  Two post-processing steps fix that:
+
+**Refinement (block re-search).**  With every column outside a block b held at its current value, the
+block's part of (1) is, up to a constant, (t_b − ŵ_b) Hₛ,bb (t_b − ŵ_b)ᵀ per row with the target
+    t_b = ŵ_b + G_b Hₛ,bb⁻¹ ,   G = (W − Ŵ) Hₛ                                               (2)
+(the block's unconstrained optimum given the rest).  CAP's own exact greedy OBS kernel searches that
+sub-problem from t_b — the same per-row counts (or N:M groups, prior zeros first) — and replays it to
+the exact block optimum for its new mask.  A row takes the candidate only when the exact change
+    Δ_r = 2 d_r·G_r,b + d_r Hₛ,bb d_rᵀ ,   d = Ŵ_b,old − Ŵ_b,new                              (3)
+is negative, so (1) never increases, the per-row counts (hence the layer's exact sparsity, N:M
+validity and prior zeros) never change.  Unstructured layers may also re-spread the block's removals
+over rows (the greedy's loss ranking, as CAP allocates); that candidate is taken for the whole block
+when its summed Δ beats the per-row choice.  Sweeps alternate block offsets so that masks can move
+across the greedy's block boundaries.
+
+**Re-solve.**  For the final mask, (1) is minimised exactly per row: (Hₛ ŵ)_K = (Hₛ w)_K on K, a
+symmetric positive definite system in each row, solved for all rows at once by Jacobi-preconditioned
+conjugate gradients (one [rows, n]·[n, n] product per iteration), warm-started from the greedy's
+weights; a row keeps its old weights if the new ones are not better on the undamped H.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from cap_dist.solvers.numerics import damped
+from cap_dist.solvers.patterns import Pattern, allocate_rows, removal_order
+
+RESOLVE_TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
+"""A row's conjugate gradients stop when a step lowers its objective by less than this fraction (or its
+relative residual is below it), per working precision: float64 solves to the optimum; float32 to the
+objective's own precision (the last 1e-6 of the objective is rounding there)."""
+RESOLVE_MAX_ITER = 200
+
+
+def row_objective(dense: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """(w_r − ŵ_r) H (w_r − ŵ_r)ᵀ for every row: the per-row layer objective on ``hessian``."""
+    e = dense.to(hessian.dtype) - weight.to(hessian.dtype)
+    return ((e @ hessian) * e).sum(1)
+
+
+def damped_curvature(hessian: torch.Tensor, damp: float, damp_mode: str, dtype: torch.dtype) -> torch.Tensor:
+    """Hₛ of (1): the Hessian with the solvers' damping, in ``dtype``."""
+    return damped(hessian.to(dtype), damp, damp_mode)[0]
+
+
+def resolve_weights(dense: torch.Tensor, start: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor, *,
+                    damp: float, damp_mode: str = "relative", tol: float | None = None,
+                    max_iter: int = RESOLVE_MAX_ITER,
+                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
+    """Exact least-squares weights of every row on its kept set (the minimum of (1) for mask ``keep``).
+
+    Batched preconditioned conjugate gradients on P Hₛ P x = P Hₛ w (P = the row's mask), from ``start``.
+    A row stops when an iteration lowers its objective (1) by less than ``tol`` of its current value (CG's
+    exact decrease α·rᵀz; the objective, not the residual, is what the re-solve is for) or its relative
+    residual falls below ``tol``.  ``dtype`` (default: float64 for float64 weights, else float32, as the
+    solvers work) is that of the iterations; the guard is float64: rows whose result is not better than
+    ``start`` on the undamped ``hessian`` keep ``start``.
+
+    Returns:
+        weights ``[rows, in]`` (zero off ``keep``, dtype of ``start``) and info (iterations, seconds).
+    """
+    t0 = time.perf_counter()
+    dtype = dtype or (torch.float64 if start.dtype == torch.float64 else torch.float32)
+    tol = RESOLVE_TOL.get(dtype, 1e-6) if tol is None else tol
+    tiny = torch.finfo(dtype).tiny
+    hs = damped_curvature(hessian, damp, damp_mode, dtype)
+    m = keep.to(dtype)
+    w = dense.to(dtype)
+    x = start.to(dtype) * m
+    e = w - x
+    g = e @ hs
+    f = (g * e).sum(1)                                                     # (1) per row, at the start
+    r = g * m                                                              # P Hₛ (w − x) = b − A x
+    dinv = 1.0 / torch.diagonal(hs).clamp_min(tiny)
+    z = r * dinv
+    p = z.clone()
+    rz = (r * z).sum(1)
+    bnorm = ((w @ hs) * m).norm(dim=1).clamp_min(tiny)
+    active = torch.nonzero((r.norm(dim=1) > tol * bnorm) & (f > 0)).flatten()
+    iters = 0
+    while active.numel() and iters < max_iter:
+        iters += 1
+        pa = p[active]
+        ap = (pa @ hs) * m[active]
+        pap = (pa * ap).sum(1)
+        rza = rz[active]
+        alpha = torch.where(pap > 0, rza / pap.clamp_min(tiny), torch.zeros_like(pap))
+        x[active] += alpha.unsqueeze(1) * pa
+        ra = r[active] - alpha.unsqueeze(1) * ap
+        r[active] = ra
+        decrease = alpha * rza                                             # exact fall of (1) this step
+        f[active] -= decrease
+        za = ra * dinv
+        rz_new = (ra * za).sum(1)
+        beta = torch.where(rza > 0, rz_new / rza.clamp_min(tiny), torch.zeros_like(rz_new))
+        p[active] = za + beta.unsqueeze(1) * pa
+        rz[active] = rz_new
+        still = (ra.norm(dim=1) > tol * bnorm[active]) & (decrease > tol * f[active]) & (pap > 0)
+        active = active[still]
+    h = hessian.to(torch.float64)
+    w64, x64, s64 = dense.double(), x.double(), start.double() * keep
+    better = row_objective(w64, x64, h) <= row_objective(w64, s64, h)
+    out = torch.where(better.unsqueeze(1), x64, s64).to(start.dtype) * keep
+    return out, dict(resolve_iterations=iters, resolve_rows_kept=int((~better).sum()),
+                     resolve_seconds=time.perf_counter() - t0)
+
+
+def _blocks(cols: int, width: int, offset: int) -> list[tuple[int, int]]:
+    edges = [0] + list(range(offset if offset else width, cols, width)) + [cols]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def refine_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor,
+                 pattern: Pattern, prior: torch.Tensor | None, *, width: int, sweeps: int, damp: float,
+                 damp_mode: str = "relative", backend: str = "auto",
+                 reallocate: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Block re-search sweeps (2)–(3) over the layer; returns new weights, keep-mask and info.
+
+    Args:
+        dense: the original weights W ``[rows, in]``.
+        weight, keep: the pruned weights and their mask (True = kept) to improve.
+        hessian: the undamped input Hessian ``[in, in]``; the sweeps minimise (1) with the solvers' damping.
+        pattern: N:M groups stay valid (a block re-searches each group with its own budget).
+        prior: True where weights must stay pruned (removed first in every re-search), or None.
+        width: columns per block (a multiple of M for N:M).
+        sweeps: passes over the layer; odd passes shift the blocks by half a width.
+        reallocate: unstructured only, also try re-spreading each block's removals over rows.
+    """
+    from cap_dist.solvers.cap import _forced_prefix, _kernels   # cap imports this module's siblings only
+
+    t0 = time.perf_counter()
+    rows, cols = weight.shape
+    if pattern.structured and width % pattern.m:
+        raise ValueError(f"refine_block={width} must be a multiple of M={pattern.m} for pattern {pattern}")
+    search, replay, backend = _kernels(backend, weight.device)
+    dev = weight.device
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    hs = damped_curvature(hessian, damp, damp_mode, work)
+    w_hat = (weight.to(work) * keep).clone()
+    keep = keep.clone()
+    g = (dense.to(work) - w_hat) @ hs                                      # G of (2)
+    zeros_which = torch.zeros(rows, dtype=torch.long, device=dev)
+    gained = 0.0
+    moved = 0
+    realloc_blocks = 0
+    step = pattern.m if pattern.structured else 1
+    for sweep in range(sweeps):
+        offset = (width // 2) // step * step if sweep % 2 else 0
+        for j0, j1 in _blocks(cols, width, offset):
+            b = j1 - j0
+            h_bb = hs[j0:j1, j0:j1]
+            hinv = torch.cholesky_inverse(torch.linalg.cholesky(h_bb))
+            hinv = 0.5 * (hinv + hinv.T)
+            old = w_hat[:, j0:j1]
+            target = old + g[:, j0:j1] @ hinv                              # (2)
+            counts = (~keep[:, j0:j1]).sum(1)
+            prefix = n_pre = None
+            if prior is not None and bool(prior[:, j0:j1].any()):
+                prefix, n_pre = _forced_prefix(prior[:, j0:j1])
+            if pattern.structured:
+                depth = b // pattern.m * pattern.n_prune
+                order, step_loss = search(target, hinv.unsqueeze(0), zeros_which, depth, pattern.m,
+                                          pattern.n_prune, prefix=prefix, prefix_counts=n_pre)
+            else:
+                total = int(counts.sum())
+                if total == 0:
+                    continue
+                mean_depth = math.ceil(total / rows)
+                depth = min(b, max(int(counts.max()), mean_depth + (b - mean_depth) // 2) if reallocate
+                            else int(counts.max()))
+                order, step_loss = search(target, hinv.unsqueeze(0), zeros_which, depth, prefix=prefix,
+                                          prefix_counts=n_pre)
+            order, step_loss = order.to(dev), step_loss.to(dev)
+            cands = [counts]
+            if reallocate and not pattern.structured:
+                key = step_loss
+                if n_pre is not None:
+                    forced = torch.arange(depth, device=dev).unsqueeze(0) < n_pre.to(dev).unsqueeze(1)
+                    key = torch.where(forced, torch.full_like(step_loss, -math.inf), step_loss)
+                cands.append(allocate_rows(key, int(counts.sum()), removal_order(key)))
+            best = None
+            for i, c in enumerate(cands):
+                new = replay(target, hinv.unsqueeze(0), zeros_which, order, c).to(device=dev, dtype=work)
+                taken = torch.arange(order.shape[1], device=dev).unsqueeze(0) < c.unsqueeze(1)
+                new_keep = torch.ones(rows, b, dtype=torch.bool, device=dev)
+                r_idx = torch.arange(rows, device=dev).unsqueeze(1).expand_as(order)[taken]
+                new_keep[r_idx, order[taken]] = False
+                new = new * new_keep
+                d = old - new
+                delta = 2 * (d * g[:, j0:j1]).sum(1) + ((d @ h_bb) * d).sum(1)     # (3)
+                if i == 0:
+                    take = delta < 0
+                    gain = float(delta[take].sum())
+                else:
+                    take = torch.ones(rows, dtype=torch.bool, device=dev)
+                    gain = float(delta.sum())
+                if gain < 0 and (best is None or gain < best[0]):
+                    best = (gain, take, new, new_keep, i)
+            if best is None:
+                continue
+            gain, take, new, new_keep, i = best
+            realloc_blocks += i
+            d = torch.where(take.unsqueeze(1), old - new, torch.zeros_like(old))
+            moved += int((new_keep[take] != keep[take, j0:j1]).sum()) // 2
+            gained += gain
+            w_hat[:, j0:j1] = torch.where(take.unsqueeze(1), new, old)
+            keep[:, j0:j1] = torch.where(take.unsqueeze(1), new_keep, keep[:, j0:j1])
+            g += d @ hs[j0:j1, :]                                          # E gains d on the block
+    return w_hat.to(weight.dtype), keep, dict(refine_sweeps=sweeps, refine_block=width, refine_swaps=moved,
+                                               refine_reallocated_blocks=realloc_blocks,
+                                               refine_gain=-gained, refine_seconds=time.perf_counter() - t0)
+
+
+ADMM_UPDATE_EVERY = 3
+ADMM_RHO = 0.03
+
+
+def _project(scores: torch.Tensor, count: int, pattern: Pattern, prior: torch.Tensor | None) -> torch.Tensor:
+    """Keep-mask of the sparse set nearest (Euclidean) to a matrix with these squared entries: the layer's
+    ``count`` lowest removed (unstructured) or the M − N lowest of every group (N:M); prior zeros first."""
+    from cap_dist.solvers.patterns import lowest_k_mask, n_m_mask
+    if prior is not None:
+        scores = torch.where(prior, torch.full_like(scores, -math.inf), scores)
+    return n_m_mask(scores, pattern) if pattern.structured else lowest_k_mask(scores, count)
+
+
+def admm_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor,
+               pattern: Pattern, prior: torch.Tensor | None, *, iterations: int, damp: float,
+               damp_mode: str = "relative", rho: float = ADMM_RHO) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """ADMM on the layer's mask, warm-started from a pruned solution (the mechanism of ALPS, Meng et al. 2024).
+
+    In coordinates scaled to a unit-diagonal curvature (B = W·S, Hₙ = S⁻¹HₛS⁻¹, S = √diag Hₛ, so a
+    weight's size is its output contribution), ADMM splits min ‖(W − B)‖²_Hₙ s.t. D sparse, B = D:
+        B ← (Hₙ + ρI)⁻¹ (Hₙ b₀ − V + ρD),   D ← Π_sparse(B + V/ρ),   V ← V + ρ(B − D)
+    with ρ raised while the support moves (ALPS's schedule).  The start is the given solution and its
+    exact dual (D = B = ŵ, V = −Hₙ(ŵ − w)), a fixed point for large ρ, so ADMM only leaves it where a
+    pruned weight's gradient is large against ρ.  Returns weights (B projected on the final support, to be
+    re-solved), the keep-mask (the layer's exact count, N:M groups, prior zeros kept) and info.
+    """
+    t0 = time.perf_counter()
+    rows, cols = weight.shape
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    hs = damped_curvature(hessian, damp, damp_mode, work)
+    s = torch.diagonal(hs).clamp_min(torch.finfo(work).tiny).sqrt()
+    hn = hs / s.unsqueeze(0) / s.unsqueeze(1)
+    lam, q = torch.linalg.eigh(hn.double())
+    lam, q = lam.to(work), q.to(work)
+    w0 = dense.to(work) * s
+    target = w0 @ hn                                                        # Hₙ b₀ (rows are b₀ᵀ)
+    d = weight.to(work) * keep * s
+    v = target - d @ hn                                                     # −gradient: the exact dual
+    count = int((~keep).sum())
+    prior_t = prior
+    mask = keep.clone()
+
+    def solve(rhs: torch.Tensor, r: float) -> torch.Tensor:
+        return ((rhs @ q) / (lam + r)) @ q.T
+
+    b = d
+    for it in range(iterations):
+        b = solve(target - v + rho * d, rho)
+        new_mask = _project((b + v / rho) ** 2, count, pattern, prior_t)
+        d = (b + v / rho) * new_mask
+        v = v + rho * (b - d)
+        if (it + 1) % ADMM_UPDATE_EVERY == 0:
+            change = int((new_mask != mask).sum()) / max(1, 2 * count)
+            rho *= 1.3 if change > 0.1 else 1.2 if change > 0.005 else 1.1
+            mask = new_mask
+            if change < 3e-4 and it >= 2 * ADMM_UPDATE_EVERY:
+                break
+        mask_last = new_mask
+    mask = mask_last if iterations else keep
+    out = (b * mask / s).to(weight.dtype)
+    return out, mask, dict(admm_iterations=it + 1 if iterations else 0, admm_rho=rho,
+                           admm_moved=int((mask != keep).sum()) // 2, admm_seconds=time.perf_counter() - t0)
