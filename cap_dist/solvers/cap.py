@@ -32,7 +32,7 @@ from cap_dist.solvers.patterns import LossCurve, Pattern, allocate_rows, prune_c
 CURVE_POINTS = 64
 
 
-def _kernels(backend: str, device: torch.device):
+def greedy_kernels(backend: str, device: torch.device):
     if backend == "auto":
         backend = "numba" if device.type == "cpu" else "torch"
     if backend == "numba":
@@ -73,7 +73,7 @@ class _CurveAccumulator:
         return LossCurve(self.fractions.clone(), self.loss.clone(), energy, self.numel)
 
 
-def _forced_prefix(prior_block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def forced_prefix(prior_block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the columns that must be removed first (ascending), padded with the others; and their count."""
     prefix = torch.argsort((~prior_block).to(torch.int8), dim=1, stable=True)
     return prefix, prior_block.sum(1)
@@ -93,7 +93,7 @@ def cap_activation(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
     width = cols if block_size is None else min(block_size, cols)
     if pattern.structured and width % pattern.m:
         raise ValueError(f"block_size={block_size} must be a multiple of M={pattern.m} for pattern {pattern}")
-    search, replay, backend = _kernels(backend, weight.device)
+    search, replay, backend = greedy_kernels(backend, weight.device)
     dev = weight.device
     if prior is not None and pattern.structured:
         over = prior.reshape(rows, cols // pattern.m, pattern.m).sum(-1) > pattern.n_prune
@@ -120,7 +120,7 @@ def cap_activation(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
         block = w[:, j0:j1]
         prefix = n_pre = None
         if prior is not None and bool(prior[:, j0:j1].any()):
-            prefix, n_pre = _forced_prefix(prior[:, j0:j1])
+            prefix, n_pre = forced_prefix(prior[:, j0:j1])
         if pattern.structured:
             depth = b // pattern.m * pattern.n_prune
             order, step = search(block, hinv_bb, zeros_which, depth, pattern.m, pattern.n_prune,
@@ -169,7 +169,7 @@ def cap_fisher(weight: torch.Tensor, fisher_blocks: torch.Tensor, sparsity: floa
     n_blocks, width, _ = fisher_blocks.shape
     if pattern.structured and (width % pattern.m or cols % pattern.m):
         raise ValueError(f"Fisher block size {width} and input width {cols} must be multiples of M={pattern.m}")
-    search, replay, backend = _kernels(backend, weight.device)
+    search, replay, backend = greedy_kernels(backend, weight.device)
     work = weight.dtype if weight.dtype == torch.float64 else torch.float32
     fac = cholesky_inverse_escalating(fisher_blocks, damp, work_dtype=work, mode=damp_mode)
     flat = weight.to(work).reshape(n_blocks, width)

@@ -135,13 +135,13 @@ def refine_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, 
         sweeps: passes over the layer; odd passes shift the blocks by half a width.
         reallocate: unstructured only, also try re-spreading each block's removals over rows.
     """
-    from cap_dist.solvers.cap import _forced_prefix, _kernels   # cap imports this module's siblings only
+    from cap_dist.solvers.cap import forced_prefix, greedy_kernels   # cap imports this module's siblings only
 
     t0 = time.perf_counter()
     rows, cols = weight.shape
     if pattern.structured and width % pattern.m:
         raise ValueError(f"refine_block={width} must be a multiple of M={pattern.m} for pattern {pattern}")
-    search, replay, backend = _kernels(backend, weight.device)
+    search, replay, backend = greedy_kernels(backend, weight.device)
     dev = weight.device
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
     hs = damped_curvature(hessian, damp, damp_mode, work)
@@ -165,7 +165,7 @@ def refine_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, 
             counts = (~keep[:, j0:j1]).sum(1)
             prefix = n_pre = None
             if prior is not None and bool(prior[:, j0:j1].any()):
-                prefix, n_pre = _forced_prefix(prior[:, j0:j1])
+                prefix, n_pre = forced_prefix(prior[:, j0:j1])
             if pattern.structured:
                 depth = b // pattern.m * pattern.n_prune
                 order, step_loss = search(target, hinv.unsqueeze(0), zeros_which, depth, pattern.m,

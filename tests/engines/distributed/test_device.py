@@ -25,12 +25,12 @@ def test_cuda_matches_cpu(method: str) -> None:
 
 
 def test_numba_backend_refuses_non_cpu_tensors() -> None:
-    from cap_dist.solvers.cap import _kernels
+    from cap_dist.solvers.cap import greedy_kernels
 
     with pytest.raises(ValueError, match="runs on the CPU; use backend='torch'"):
-        _kernels("numba", torch.device("cuda", 0))
-    assert _kernels("auto", torch.device("cuda", 0))[2] == "torch"
-    assert _kernels("auto", torch.device("cpu"))[2] == "numba"
+        greedy_kernels("numba", torch.device("cuda", 0))
+    assert greedy_kernels("auto", torch.device("cuda", 0))[2] == "torch"
+    assert greedy_kernels("auto", torch.device("cpu"))[2] == "numba"
 
 
 def _half_materialised() -> torch.nn.Module:
