@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 
 from cap_dist.version import __version__
 
@@ -53,7 +55,8 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     res = prune_layer(w2d, hessian.to(w2d.device), method=args.method, sparsity=args.sparsity,
                       pattern=args.pattern, block_size=args.block_size, damp=args.damp)
     save_tensors(args.out, {"weight": res.weight.reshape(shape), "mask": res.mask.reshape(shape)},
-                 metadata={"method": args.method, "pattern": args.pattern, "sparsity": f"{res.sparsity:.6f}"})
+                 metadata={"cap_dist.solve": json.dumps({"method": args.method, "pattern": args.pattern,   # one key:
+                                                         "sparsity": f"{res.sparsity:.6f}"})})  # stable bytes
     summary = dict(out=args.out, sparsity=res.sparsity, relative_error=res.relative_error, loss=res.loss,
                    seconds=res.info["seconds"], damp_used=res.info.get("damp_used"))
     print(json.dumps(summary, indent=1))
@@ -224,14 +227,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM (``ray job stop``, a scheduler, ``kill``): unwinds like Ctrl-C, so every ``finally`` runs (actors
+    and placement groups removed, finished files kept). A BaseException: no ``except Exception`` swallows it."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _stopped(command: str, reason: str) -> str:
+    resume = (" finished layers are kept; run the same command again to resume" if command in ("prune", "run")
+              else " run the same command again to resume from the last checkpoint" if command == "finetune" else "")
+    return f"cap-dist {command}: stopped by {reason};{resume}".rstrip(";")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     from cap_dist import storage
 
     storage.configure()     # AWS_ENDPOINT_URL(_S3) reaches the recipe read too; the recipe's storage section follows
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.func(args)
+    except KeyboardInterrupt:                                 # Ctrl-C: one line, the shell's code for SIGINT
+        print(_stopped(args.command, "Ctrl-C"), file=sys.stderr)
+        return 130
+    except Terminated:                                        # SIGTERM: one line, the shell's code for SIGTERM
+        print(_stopped(args.command, "SIGTERM"), file=sys.stderr)
+        return 143
     except (ValueError, ImportError, OSError) as exc:       # bad input: what was wrong and what to do
         if args.verbose:
             raise

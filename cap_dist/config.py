@@ -138,6 +138,9 @@ class DistributedConfig(_Strict):
     memory_gb: float | None = Field(None, gt=0, description="memory reserved per actor")
     placement: Literal["PACK", "SPREAD"] | None = None
     max_attempts: int = Field(3, ge=1, description="tries after an actor dies before the job fails")
+    schedule_timeout_s: float = Field(600.0, gt=0, description="how long to wait, logging what is missing every 30 s, "
+                                                               "for the cluster to place the actors (an autoscaler "
+                                                               "adding nodes) before the run fails")
     address: str | None = Field(None, description="Ray address (default: RAY_ADDRESS, else a local Ray)")
 
 
@@ -238,6 +241,8 @@ class Recipe(_Strict):
     evaluation: DataConfig | None = None
     prune: PruneConfig = PruneConfig()
     output: str = Field(description="directory or URI for model.safetensors, sparsity.json, report.parquet")
+    overwrite: bool = Field(False, description="replace a finished output of another recipe at `output` (refused "
+                                               "otherwise; a finished output of the same recipe is reused)")
     engine: Literal["ray", "local"] = Field("ray", description="ray: the distributed engine (a local Ray on a "
                                                                   "laptop); local: one process, no Ray")
     distributed: DistributedConfig = DistributedConfig()
@@ -249,9 +254,9 @@ class Recipe(_Strict):
 
     @property
     def hash(self) -> str:
-        """sha256 of what decides the result: not where it is written, nor which engine or how many threads
-        computed it (the Ray engine reproduces the single-process result)."""
-        payload = self.model_dump(mode="json", exclude={"output", "engine", "distributed", "threads",
+        """sha256 of what decides the result: not where it is written (or whether it may replace another), nor
+        which engine or how many threads computed it (the Ray engine reproduces the local result)."""
+        payload = self.model_dump(mode="json", exclude={"output", "overwrite", "engine", "distributed", "threads",
                                                                     "storage"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -34,6 +34,61 @@ class CorruptOutputError(ValueError):
     """An output folder whose files are missing or do not match the manifest's checksums."""
 
 
+class OutputTargetError(ValueError):
+    """An output location a prune must not or cannot write to; found before any work starts."""
+
+
+def prepare_output(recipe: Recipe) -> dict[str, Any] | None:
+    """Check where a prune will write before it loads or calibrates anything, so a bad target costs seconds, not
+    the whole run. Returns the manifest of a finished output of the same recipe there (to reuse), else None.
+
+    Refused (:class:`OutputTargetError`): an output path that is a file; a location that cannot be written; a
+    folder holding a finished output of another recipe, unless ``overwrite`` is set (then its manifest is removed
+    first, so the folder is not a finished output again until the new one commits)."""
+    import fsspec
+
+    from cap_dist.storage import StorageError, atomic_write_bytes, storage_errors
+
+    root = recipe.output.rstrip("/")
+    with storage_errors(root):
+        fs, path = fsspec.core.url_to_fs(root)
+        if fs.isfile(path):
+            raise OutputTargetError(f"output={root} is a file; give a folder (or a URI prefix) for the pruned model")
+    try:
+        manifest: dict[str, Any] | None = read_manifest(root)
+    except FileNotFoundError:
+        manifest = None
+    except CorruptOutputError:
+        manifest = {"recipe_hash": None}
+    except StorageError as err:
+        if isinstance(err, PermissionError):           # access denied: the store's own message says what to do
+            raise
+        raise OutputTargetError(f"cannot write to output={root}: {err}") from None   # e.g. a path below a file
+    if manifest is not None and manifest.get("recipe_hash") == recipe.hash:
+        return manifest
+    if manifest is not None and not recipe.overwrite:
+        written = manifest.get("written_at", "at an unknown time")
+        raise OutputTargetError(f"{root} already holds a finished output of another recipe (hash "
+                                f"{str(manifest.get('recipe_hash'))[:12]}, written {written}); choose another output, "
+                                "or set overwrite=true to replace it")
+    probe = _join(root, ".cap-dist-write-test")
+    try:
+        atomic_write_bytes(probe, b"")
+        with storage_errors(probe):
+            fs.rm(_join(path, ".cap-dist-write-test"))
+    except StorageError:                     # the store's own clear error (access denied, no such bucket)
+        raise
+    except PermissionError:
+        raise OutputTargetError(f"cannot write to output={root}: permission denied; choose a writable folder or "
+                                "fix its permissions") from None
+    except OSError as err:
+        raise OutputTargetError(f"cannot write to output={root}: {err}") from None
+    if manifest is not None:
+        with storage_errors(root):
+            fs.rm(_join(path, MANIFEST))
+    return None
+
+
 def _join(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}"
 
@@ -99,7 +154,8 @@ def _write_weights(uri: str, state: dict) -> str:
     from safetensors.torch import save_file
 
     fs, path = fsspec.core.url_to_fs(uri)
-    meta = {"format": "pt", "cap_dist": __version__}
+    meta = {"format": "pt"}       # one key: safetensors writes metadata in per-process hash order, so identical
+    #                                runs would write different bytes with two (the version is in the manifest)
     if not isinstance(fs, LocalFileSystem):
         data = safetensors_save(state, meta)
         atomic_write_bytes(uri, data)

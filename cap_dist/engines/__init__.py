@@ -12,8 +12,13 @@ and return the same :class:`~cap_dist.core.PruneResult`; the recipe's ``engine``
 
 from __future__ import annotations
 
+import logging
+
 from cap_dist.config import Recipe, RecipeError, load_recipe
-from cap_dist.core.records import PruneResult
+from cap_dist.core.records import LayerRecord, PruneResult
+from cap_dist.output import prepare_output
+
+log = logging.getLogger(__name__)
 
 ENGINES = ("local", "ray")
 
@@ -28,6 +33,10 @@ def prune(recipe: Recipe | str, overrides: list[str] | None = None, *, write: bo
         overrides: ``key=value`` overrides for a recipe path (e.g. ``prune.sparsity=0.75``).
         write: write the output (the local engine can skip it and keep the model in ``result.model``; the Ray
             engine always writes, since its actors write their layers as they solve them).
+
+    Before any work the output location is checked (:func:`cap_dist.output.prepare_output`): a finished output of
+    the same recipe there is reused (and the result says so in the log); one of another recipe is refused unless
+    ``overwrite``; and the weights file is checked against the model (:meth:`ModelSource.check_weights`).
     """
     if isinstance(recipe, str):
         recipe = load_recipe(recipe, overrides)
@@ -37,12 +46,29 @@ def prune(recipe: Recipe | str, overrides: list[str] | None = None, *, write: bo
         raise RecipeError(f"the recipe's schedule has {recipe.schedule.steps} steps: gradual pruning (prune, "
                           "finetune, repeat) runs with `cap-dist run`; a prune goes once to prune.sparsity")
     from cap_dist import storage
+    from cap_dist.models.source import ModelSource
 
     storage.configure(recipe.storage)
+    if write:
+        finished = prepare_output(recipe)
+        if finished is not None:
+            log.info("%s already holds this recipe's finished output (written %s by the %s engine): reusing it; "
+                     "delete it or choose another output to prune again", recipe.output,
+                     finished.get("written_at", "earlier"), finished.get("engine", "local"))
+            return _reused(recipe, finished)
+    source = ModelSource.of(recipe.model)
+    source.check_weights()                   # a bad weights file is one clear error, before any engine starts
     if recipe.engine == "local":
         from cap_dist.engines.local import prune_local
 
-        return prune_local(recipe, write=write)
+        return prune_local(recipe, source, write=write)
     from cap_dist.engines.distributed.driver import prune_distributed
 
-    return prune_distributed(recipe, write=write)
+    return prune_distributed(recipe, source, write=write)
+
+
+def _reused(recipe: Recipe, manifest: dict) -> PruneResult:
+    return PruneResult(recipe=recipe, engine=manifest.get("engine", "local"),
+                       layers=[LayerRecord(**row) for row in manifest.get("layers", [])],
+                       timings=dict(manifest.get("timings", {})), input_spec=dict(manifest.get("input", {})),
+                       manifest=manifest)

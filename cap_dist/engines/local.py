@@ -86,15 +86,17 @@ def _sequential(recipe: Recipe, model: nn.Module, batches: list[Batch], layers: 
     return records
 
 
-def prune_local(recipe: Recipe, write: bool = True) -> PruneResult:
-    """Prune the model a recipe describes in this process and (by default) write the result to ``recipe.output``."""
+def prune_local(recipe: Recipe, source: ModelSource | None = None, write: bool = True) -> PruneResult:
+    """Prune the model a recipe describes in this process and (by default) write the result to ``recipe.output``.
+
+    ``source``: the recipe's model source, already parsed (by :func:`cap_dist.engines.prune`)."""
     from cap_dist.data.draw import draw_batches
 
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     total = time.perf_counter()
     start = time.perf_counter()
-    source = ModelSource.of(recipe.model)
+    source = source if source is not None else ModelSource.of(recipe.model)
     model = source.load()
     input_spec = source.input_spec(model)
     device = device_of(recipe.device)

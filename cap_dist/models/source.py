@@ -158,6 +158,41 @@ class ModelSource:
         is none and the whole (small, packaged) model must be loaded."""
         return self.weights
 
+    def check_weights(self, skeleton: nn.Module | None = None) -> None:
+        """Refuse a weights file that cannot build this model, from its header alone (no tensor read): missing,
+        not safetensors (a pickled checkpoint, say), truncated, or holding another model's tensors (missing,
+        unexpected or mis-shaped keys). Both engines call it before any work, so a bad file is one clear error
+        whatever the engine, never a failure retried on remote actors.
+
+        ``skeleton``: a module of this source already built (meta is fine), to avoid building another."""
+        if self.weights is None:
+            return
+        from cap_dist.storage import safetensors_header, storage_errors
+
+        try:
+            header = safetensors_header(self.weights)
+        except ValueError as err:
+            raise ModelLoadError(_not_safetensors(self.weights, str(err))) from None
+        start = header.pop("__data_start__")
+        header.pop("__metadata__", None)
+        try:
+            entries = {k: (tuple(v["shape"]), v["data_offsets"]) for k, v in header.items()}
+        except (TypeError, KeyError):
+            raise ModelLoadError(f"{self.weights} is not a valid safetensors file: its header does not describe "
+                                 "tensors (shape, data_offsets)") from None
+        end = max((offsets[1] for _, offsets in entries.values()), default=0)
+        with storage_errors(self.weights):
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(self.weights)
+            size = fs.size(path)
+        if size < start + end:
+            raise ModelLoadError(f"{self.weights} is truncated: its header describes {start + end:,} bytes but the "
+                                 f"file has {size:,}; copy it again")
+        model = skeleton if skeleton is not None else self.meta_skeleton()
+        check_state_dict(model, {k: torch.empty(shape, device="meta") for k, (shape, _) in entries.items()},
+                         self.weights)
+
     def input_spec(self, skeleton: nn.Module | None = None) -> dict[str, Any]:
         """The input preprocessing (as in ``model.json``'s ``input``), known without reading any weight.
 
@@ -181,6 +216,24 @@ class ModelSource:
         else:
             raw = {"architecture": f"timm:{self.architecture}", "create_kwargs": dict(self.create_kwargs)}
         return {**raw, "weights": weights, "input": input_spec, "derived_from": self.uri}
+
+
+def _not_safetensors(uri: str, reason: str) -> str:
+    """The error for a weights file that is not safetensors, naming a pickled checkpoint where it looks like one."""
+    try:
+        from cap_dist.storage import storage_errors
+
+        with storage_errors(uri):
+            import fsspec
+
+            with fsspec.open(uri, "rb") as f:
+                head = f.read(4)
+    except OSError:
+        head = b""
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return (f"{uri} is a pickled checkpoint (torch.save), not safetensors; cap-dist never unpickles model files: "
+                "convert it once with safetensors.torch.save_file(torch.load(path, weights_only=True), out)")
+    return reason
 
 
 def load_model(source: str, weights: str | None = None,

@@ -98,7 +98,7 @@ def test_ray_job_submit_prunes_from_and_to_s3(s3: str, tmp_path: Path) -> None:
         command = [str(BIN / "ray"), "job", "submit", f"--address={address}", f"--working-dir={REPO}",
                    f"--runtime-env={env_file}", "--", "python", "-m", "cap_dist", "prune", "--config",
                    f"{s3}/recipes/job.yaml", "distributed.actors=2"]
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         while True:
             job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480)
             # A fresh head's job agent registers a few seconds after `ray start` returns (longer on a busy

@@ -70,11 +70,21 @@ def connect(recipe: Recipe) -> None:
     process already connected (a `ray job submit` driver, a test) stays on its cluster."""
     if ray.is_initialized():
         return
+    import signal
+    import threading
+
     address = recipe.distributed.address or os.environ.get("RAY_ADDRESS")
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address)
     else:
-        ray.init(include_dashboard=False)
+        # A Ray of our own lives on this machine alone: loopback address, and every CPU said explicitly (so an
+        # actor that asks for more than exists fails at once instead of waiting).
+        ray.init(include_dashboard=False, num_cpus=os.cpu_count() or 1, _node_ip_address="127.0.0.1")
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        # Ray's core worker installs a crash handler for SIGTERM that aborts the process (exit -6, a stack dump);
+        # put back the caller's (the CLI's), so SIGTERM unwinds and the run cleans up after itself.
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _check_resources(recipe: Recipe) -> None:
@@ -91,34 +101,84 @@ def _check_resources(recipe: Recipe) -> None:
         raise ValueError(f"distributed.memory_gb={cfg.memory_gb} per actor exceeds the cluster's memory")
 
 
-def _start_actors(recipe: Recipe, source: ModelSource, plans: list[ActorPlan], attempt: int,
-                  run_id: str) -> list[Any]:
-    """Actors named cap-dist-<recipe hash>-<run>-<attempt>-<index> (unique per run: a rerun of the same recipe
-    must not collide with the names of actors that are still being torn down)."""
+class ResourcesUnavailableError(RuntimeError):
+    """The cluster did not place the run's actors within ``distributed.schedule_timeout_s``."""
+
+
+def _bundle(recipe: Recipe) -> dict[str, float]:
+    """What one actor asks for, every resource of it: a placement-group bundle must carry each one, or Ray
+    refuses to place the actor in it."""
     cfg = recipe.distributed
-    remote = ray.remote(PruneActor)
+    bundle = {"CPU": float(cfg.num_cpus)}
+    if cfg.num_gpus:
+        bundle["GPU"] = float(cfg.num_gpus)
+    if cfg.memory_gb:
+        bundle["memory"] = float(int(cfg.memory_gb * 2**30))
+    return bundle
+
+
+def reserve(recipe: Recipe, n_actors: int, run_id: str) -> Any:
+    """One placement group for the whole run (every attempt reuses it; the caller removes it however the run
+    ends), with one bundle per actor (``distributed.placement``: PACK or SPREAD; PACK, best effort, when unset).
+    Waits until the cluster places it, logging what is missing every 30 s, at most ``schedule_timeout_s``."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    cfg = recipe.distributed
+    bundle = _bundle(recipe)
+    pg = placement_group([dict(bundle) for _ in range(n_actors)], strategy=cfg.placement or "PACK",
+                         name=f"cap-dist-{recipe.hash[:10]}-{run_id}")
+    ready = pg.ready()
+    start = time.monotonic()
+    while True:
+        left = cfg.schedule_timeout_s - (time.monotonic() - start)
+        done, _ = ray.wait([ready], timeout=max(0.0, min(30.0, left)))
+        if done:
+            return pg
+        waited = time.monotonic() - start
+        wanted = ", ".join(f"{k} {v:g}" for k, v in bundle.items())
+        have = {k: v for k, v in ray.available_resources().items() if k in bundle}
+        if waited >= cfg.schedule_timeout_s:
+            remove_placement_group(pg)
+            raise ResourcesUnavailableError(
+                f"the cluster did not place {n_actors} actors of {{{wanted}}} each ({cfg.placement or 'PACK'}) in "
+                f"{waited:.0f} s (distributed.schedule_timeout_s); available now: {have or 'nothing of these'}. Add "
+                "nodes, lower distributed.actors or the per-actor resources, or wait longer")
+        log.warning("waiting %.0f s so far for %d actor slots of {%s}; available now: %s (gives up after %.0f s)",
+                    waited, n_actors, wanted, have or "nothing of these", cfg.schedule_timeout_s)
+
+
+def _start_actors(recipe: Recipe, source: ModelSource, plans: list[ActorPlan], attempt: int, run_id: str,
+                  pg: Any) -> list[Any]:
+    """Actors named cap-dist-<recipe hash>-<run>-<attempt>-<index> (unique per run: a rerun of the same recipe
+    must not collide with the names of actors that are still being torn down), actor i in bundle i of ``pg``."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     from cap_dist.storage import worker_env
 
-    options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "max_restarts": 0,
-                               "name": f"cap-dist-{recipe.hash[:10]}-{run_id}-{attempt}-{{}}"}
+    cfg = recipe.distributed
+    remote = ray.remote(PruneActor)
+    options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "max_restarts": 0}
     env = worker_env(recipe.storage)      # actors do not inherit the driver's environment
     if env:
         options["runtime_env"] = {"env_vars": env}
     if cfg.memory_gb:
         options["memory"] = int(cfg.memory_gb * 2**30)
-    if cfg.placement:
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        pg = ray.util.placement_group([{"CPU": cfg.num_cpus, "GPU": cfg.num_gpus}] * len(plans),
-                                      strategy=cfg.placement)
-        ray.get(pg.ready(), timeout=600)
-        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=pg)
     recipe_dict = recipe.model_dump(mode="json")
     actors = []
     for p in plans:
-        opts = dict(options, name=options["name"].format(p.index))
+        strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=p.index)
+        opts = dict(options, name=f"cap-dist-{recipe.hash[:10]}-{run_id}-{attempt}-{p.index}",
+                    scheduling_strategy=strategy)
         actors.append(remote.options(**opts).remote(recipe_dict, source, list(p.stages), p.index))
     return actors
+
+
+def _kill(actors: list[Any]) -> None:
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - an actor already gone (its node lost) needs no kill
+            pass
 
 
 def _levels(recipe: Recipe, actors: list[Any]) -> dict[str, float]:
@@ -141,13 +201,12 @@ def _stream_dense(actors: list[Any], batch_refs: list[Any]) -> None:
         for actor in actors:
             ref = actor.forward.remote(ref)
         finals.append(ref)
-    bar = tqdm(total=len(finals), desc="calibration batches", unit="batch")
-    pending = list(finals)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        ray.get(done)
-        bar.update(len(done))
-    bar.close()
+    with tqdm(total=len(finals), desc="calibration batches", unit="batch") as bar:
+        pending = list(finals)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
+            bar.update(len(done))
 
 
 def _attempt(recipe: Recipe, actors: list[Any], batch_refs: list[Any], failures: dict[str, int]) -> dict[str, Any]:
@@ -169,37 +228,33 @@ def _attempt(recipe: Recipe, actors: list[Any], batch_refs: list[Any], failures:
                 ref = actor.solve_layer.remote(name, levels[name])
                 calls[ref] = name
                 owner[name] = actor
-        bar = tqdm(total=len(calls), desc="layers solved", unit="layer")
-        pending = list(calls)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            try:
-                ray.get(done[0])
-            except ACTOR_FAILURES:
-                failures[calls[done[0]]] = failures.get(calls[done[0]], 0) + 1
-                bar.close()
-                raise
-            bar.update(1)
-        bar.close()
+        # (bars as context managers: closed however the wait ends, so an interrupt's one line comes last)
+        with tqdm(total=len(calls), desc="layers solved", unit="layer") as bar:
+            pending = list(calls)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                try:
+                    ray.get(done[0])
+                except ACTOR_FAILURES:
+                    failures[calls[done[0]]] = failures.get(calls[done[0]], 0) + 1
+                    raise
+                bar.update(1)
     else:
         hidden: Any = batch_refs
-        bar = tqdm(total=len(actors), desc="actors solved (sequential)", unit="actor")
-        for actor in actors:
-            hidden = actor.sequential.remote(hidden, levels)
-            try:
+        with tqdm(total=len(actors), desc="actors solved (sequential)", unit="actor") as bar:
+            for actor in actors:
+                hidden = actor.sequential.remote(hidden, levels)
                 ray.wait([hidden], num_returns=1)
                 ray.get(hidden)
-            except ACTOR_FAILURES:
-                bar.close()
-                raise
-            bar.update(1)
-        bar.close()
+                bar.update(1)
     timings["solve"] = time.perf_counter() - start
     return {"levels": levels, "timings": timings}
 
 
-def prune_distributed(recipe: Recipe, write: bool = True) -> PruneResult:
-    """Run a recipe on Ray; writes the same output as the local engine (plus each actor's stats and the plan)."""
+def prune_distributed(recipe: Recipe, source: ModelSource | None = None, write: bool = True) -> PruneResult:
+    """Run a recipe on Ray; writes the same output as the local engine (plus each actor's stats and the plan).
+
+    ``source``: the recipe's model source, already parsed (by :func:`cap_dist.engines.prune`)."""
     from cap_dist.data.draw import draw_batches
     from cap_dist.output import write_output
 
@@ -210,7 +265,7 @@ def prune_distributed(recipe: Recipe, write: bool = True) -> PruneResult:
     if recipe.distributed.actors < 1:
         raise ValueError(f"distributed.actors={recipe.distributed.actors}: need at least 1 actor")
     total_start = time.perf_counter()
-    source = ModelSource.of(recipe.model)
+    source = source if source is not None else ModelSource.of(recipe.model)
     skeleton = source.meta_skeleton()
     costs, n_blocks = stage_costs(recipe, skeleton)  # a pattern/group no layer fits fails here, not after calibrating
     input_spec = source.input_spec(skeleton)
@@ -224,36 +279,44 @@ def prune_distributed(recipe: Recipe, write: bool = True) -> PruneResult:
     batch_refs = [ray.put(x) for x, _ in calibration]
     failures: dict[str, int] = {}
     run_id = uuid.uuid4().hex[:8]
-    for attempt in range(recipe.distributed.max_attempts):
-        actors = _start_actors(recipe, source, plans, attempt, run_id)
-        try:
-            result = _attempt(recipe, actors, batch_refs, failures)
-            # Gathering is part of the attempt: an actor lost now is recovered like one lost while solving.
-            records = [LayerRecord(**r) for part in ray.get([a.get_records.remote() for a in actors]) for r in part]
-            ray.get([a.release.remote() for a in actors])
-            write_start = time.perf_counter()
-            state: dict[str, torch.Tensor] = {}
-            for part in ray.get([a.state.remote() for a in actors]):
-                state.update(part)
-            stats = ray.get([a.stats.remote() for a in actors])       # after gathering: its memory counts
-            break
-        except ACTOR_FAILURES as err:
-            for actor in actors:
-                ray.kill(actor, no_restart=True)
-            worst = max(failures.items(), key=lambda kv: kv[1], default=(None, 0))
-            if attempt + 1 >= recipe.distributed.max_attempts:
-                where = f" while solving layer {worst[0]!r}" if worst[0] else ""
-                raise RuntimeError(f"an actor died{where} in {attempt + 1} attempts "
-                                   f"(distributed.max_attempts={recipe.distributed.max_attempts}): {err}") from None
-            log.warning("an actor died (%s); attempt %d of %d resumes from the layers already written",
-                        type(err).__name__, attempt + 2, recipe.distributed.max_attempts)
+    pg = reserve(recipe, len(plans), run_id)
+    actors: list[Any] = []
+    try:
+        for attempt in range(recipe.distributed.max_attempts):
+            actors = _start_actors(recipe, source, plans, attempt, run_id, pg)
+            try:
+                result = _attempt(recipe, actors, batch_refs, failures)
+                # Gathering is part of the attempt: an actor lost now is recovered like one lost while solving.
+                records = [LayerRecord(**r) for part in ray.get([a.get_records.remote() for a in actors])
+                           for r in part]
+                ray.get([a.release.remote() for a in actors])
+                write_start = time.perf_counter()
+                state: dict[str, torch.Tensor] = {}
+                for part in ray.get([a.state.remote() for a in actors]):
+                    state.update(part)
+                stats = ray.get([a.stats.remote() for a in actors])       # after gathering: its memory counts
+                break
+            except ACTOR_FAILURES as err:
+                _kill(actors)
+                worst = max(failures.items(), key=lambda kv: kv[1], default=(None, 0))
+                if attempt + 1 >= recipe.distributed.max_attempts:
+                    where = f" while solving layer {worst[0]!r}" if worst[0] else ""
+                    raise RuntimeError(f"an actor died{where} in {attempt + 1} attempts "
+                                       f"(distributed.max_attempts={recipe.distributed.max_attempts}): {err}") from None
+                log.warning("an actor died (%s); attempt %d of %d resumes from the layers already written",
+                            type(err).__name__, attempt + 2, recipe.distributed.max_attempts)
+    finally:
+        # However the run ends (done, failed, Ctrl-C, SIGTERM): no actor and no reservation outlives it; the
+        # layer files written so far stay, so a rerun resumes.
+        _kill(actors)
+        from ray.util.placement_group import remove_placement_group
+
+        remove_placement_group(pg)
     for s in stats:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in s["stage_peak_rss_mb"].items())
         log.info("actor %d: peak RSS %.0f MiB (runtime %.0f; by stage: %s), load %.1fs, calibrate %.1fs, "
                  "solve %.1fs", s["index"], s["peak_rss_mb"], s["baseline_rss_mb"], stages, s["load_seconds"],
                  s["calibrate_seconds"], s["solve_seconds"])
-    for actor in actors:
-        ray.kill(actor, no_restart=True)
     timings = dict(result["timings"], load=max(s["load_seconds"] for s in stats))
     manifest = write_output(recipe, state, [r.row() for r in records], input_spec, timings,
                             extra={"engine": "ray", "actors": stats, "plan": [list(p.stages) for p in plans]},
