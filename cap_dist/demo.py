@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -154,16 +155,22 @@ def ray_session(num_cpus: int) -> Iterator[bool]:
     driver), left running; otherwise a new local one on 127.0.0.1, shut down on the way out (also after an
     error or Ctrl-C). Yields whether the demo started it.
 
-    A new one gets an explicit CPU count (actors that ask for more fail at once instead of waiting), a short
-    temporary folder (Ray's socket paths are limited to 107 characters) and, for its lifetime, a HOME holding
-    an empty ``ray_bootstrap_config.yaml`` (without it Ray's dashboard process probes the cloud-metadata
-    address).
-    """
-    import ray
+    A new one gets the :data:`LOCAL_ONLY` settings *before Ray is imported* (Ray reads the node-address switch
+    once, at import: imported earlier, it puts the node on the external interface even when told 127.0.0.1), an
+    explicit CPU count (actors that ask for more fail at once instead of waiting), a short temporary folder
+    (Ray's socket paths are limited to 107 characters) and, for its lifetime, a HOME holding an empty
+    ``ray_bootstrap_config.yaml`` (without it Ray's dashboard process probes the cloud-metadata address).
 
-    if ray.is_initialized():
+    Raises:
+        DemoError: Ray was imported before without these settings, or the node did not come up on 127.0.0.1.
+    """
+    imported = sys.modules.get("ray")
+    if imported is not None and imported.is_initialized():
         yield False
         return
+    if imported is not None and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+        raise DemoError("Ray was imported before the demo could keep it on 127.0.0.1; run `cap-dist demo` in a "
+                        "fresh process, or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray")
     home = tempfile.mkdtemp(prefix="cap-dist-demo-home-")
     Path(home, "ray_bootstrap_config.yaml").write_text("{}\n")
     temp_dir = tempfile.mkdtemp(prefix="cdr", dir="/tmp" if os.path.isdir("/tmp") else None)
@@ -173,9 +180,15 @@ def ray_session(num_cpus: int) -> Iterator[bool]:
         settings["GLOO_SOCKET_IFNAME"] = loopback
     saved = {key: os.environ.get(key) for key in settings}
     os.environ.update(settings)                   # Ray's processes (and Ray Train's workers) inherit them
+    import ray
+
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir,
                  _node_ip_address="127.0.0.1", logging_level="ERROR", log_to_driver=False)
+        node = ray.util.get_node_ip_address()
+        if node != "127.0.0.1":
+            raise DemoError(f"the local Ray came up on {node}, not 127.0.0.1; the demo stops rather than use "
+                            "the network")
         yield True
     finally:
         ray.shutdown()

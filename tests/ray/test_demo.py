@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -66,3 +69,18 @@ def test_quick_demo_end_to_end(ray_cluster, tmp_path: Path, capsys: pytest.Captu
     labelled = result["labelled"]
     if labelled:
         assert f"(on {labelled} labelled)" in "\n".join(printed)
+
+
+def test_demo_ray_is_on_loopback_in_a_bare_environment(tmp_path: Path) -> None:
+    """`python -m cap_dist demo` in a shell without any Ray settings: the Ray it starts sits on 127.0.0.1 (its
+    own settings are in place before Ray is imported) and is gone afterwards."""
+    script = ("import cap_dist.demo as d\n"
+              "with d.ray_session(2) as started:\n"
+              "    import ray\n"
+              "    print(started, ray.util.get_node_ip_address(), ray.nodes()[0]['NodeManagerAddress'])\n"
+              "print(ray.is_initialized())\n")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "127.0.0.1", "127.0.0.1", "False"]

@@ -145,3 +145,17 @@ def test_ctrl_c_ends_with_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pyte
 
     assert not list(base._instances)
 
+
+
+def test_ray_imported_without_local_settings_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray reads its node-address switch at import: imported without it, a 'local' node would sit on the
+    external interface, so the demo refuses before starting anything."""
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("a Ray is already running in this test process (the demo would use it)")
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    with pytest.raises(demo.DemoError, match="imported before the demo could keep it on 127.0.0.1"):
+        with demo.ray_session(2):
+            pass
+    assert not ray.is_initialized()
