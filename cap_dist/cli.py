@@ -154,9 +154,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from cap_dist.demo import run_demo
+    """The demo; Ctrl-C ends it with one line (the demo has shut its Ray down by then), not a traceback."""
+    import os
 
-    run_demo(sparsity=args.sparsity, photos=args.photos)
+    from cap_dist.demo import close_progress_bars, run_demo
+
+    if not args.verbose:          # the engines' INFO lines (actor memory, run names) would bury the demo's own
+        logging.getLogger("cap_dist").setLevel(logging.WARNING)
+    try:
+        run_demo(sparsity=args.sparsity, photos=args.photos, output=args.output, quick=args.quick)
+    except KeyboardInterrupt:
+        close_progress_bars()
+        print(f"\ncap-dist demo: interrupted; Ray is shut down, partial outputs stay in {args.output}",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Skip the interpreter's teardown: Ctrl-C also reached Ray's own processes, and finalising Ray's
+        # half-stopped core-worker threads once crashed the interpreter (SIGSEGV) after this line. Every output
+        # file is already committed (written under a temporary name, then renamed).
+        os._exit(130)
     return 0
 
 
@@ -200,10 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--plot", help="PNG of per-layer sparsity and error (default: OUTPUT/layers.png)")
     evaluate.set_defaults(func=_cmd_eval)
 
-    demo = sub.add_parser("demo", help="prune real pretrained EfficientNet-Lite0 and compare with dense")
-    demo.add_argument("--sparsity", type=float, default=0.5)
+    demo = sub.add_parser("demo", help="the whole job on a local Ray: prune pretrained EfficientNet-Lite0 with 2 "
+                                       "PruneActors (sparsegpt, cap), recover cap on Ray Train (2 FSDP2 workers), "
+                                       "compare with dense")
+    demo.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity in (0, 1)")
     demo.add_argument("--photos", action="store_true",
                       help="use the photos bundled in scikit-image/scikit-learn even where ../shared exists")
+    demo.add_argument("--output", default="runs/demo", help="the demo's folder (default: runs/demo)")
+    demo.add_argument("--quick", action="store_true",
+                      help="the same job on a handful of images and 2 training steps (smoke test; numbers mean little)")
     demo.set_defaults(func=_cmd_demo)
 
     layers = sub.add_parser("layers", help="list a model's prunable layers")

