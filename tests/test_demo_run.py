@@ -80,7 +80,7 @@ def test_demo_ray_is_on_loopback_in_a_bare_environment(tmp_path: Path) -> None:
               "    print(started, ray.util.get_node_ip_address(), ray.nodes()[0]['NodeManagerAddress'])\n"
               "print(ray.is_initialized())\n")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
-           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["True", "127.0.0.1", "127.0.0.1", "False"]
