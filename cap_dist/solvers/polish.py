@@ -222,6 +222,8 @@ def refine_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, 
 
 ADMM_UPDATE_EVERY = 3
 ADMM_RHO = 0.03
+ADMM_GROWTH = (1.3, 1.2, 1.1)
+ADMM_STOP = 3e-4
 
 
 def _project(scores: torch.Tensor, count: int, pattern: Pattern, prior: torch.Tensor | None) -> torch.Tensor:
@@ -252,8 +254,8 @@ def admm_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, he
     hs = damped_curvature(hessian, damp, damp_mode, work)
     s = torch.diagonal(hs).clamp_min(torch.finfo(work).tiny).sqrt()
     hn = hs / s.unsqueeze(0) / s.unsqueeze(1)
-    lam, q = torch.linalg.eigh(hn.double())
-    lam, q = lam.to(work), q.to(work)
+    lam, q = torch.linalg.eigh(hn)          # in the working precision: Hₙ + ρI (ρ ≥ ADMM_RHO) is well conditioned
+
     w0 = dense.to(work) * s
     target = w0 @ hn                                                        # Hₙ b₀ (rows are b₀ᵀ)
     d = weight.to(work) * keep * s
@@ -273,9 +275,9 @@ def admm_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, he
         v = v + rho * (b - d)
         if (it + 1) % ADMM_UPDATE_EVERY == 0:
             change = int((new_mask != mask).sum()) / max(1, 2 * count)
-            rho *= 1.3 if change > 0.1 else 1.2 if change > 0.005 else 1.1
+            rho *= ADMM_GROWTH[0] if change > 0.1 else ADMM_GROWTH[1] if change > 0.005 else ADMM_GROWTH[2]
             mask = new_mask
-            if change < 3e-4 and it >= 2 * ADMM_UPDATE_EVERY:
+            if change < ADMM_STOP and it >= 2 * ADMM_UPDATE_EVERY:
                 break
         mask_last = new_mask
     mask = mask_last if iterations else keep
