@@ -109,7 +109,7 @@ class PruneConfig(_Strict):
         "baselines (they stay the methods their papers describe). Activation curvature only"))
     admm_iterations: int | None = Field(None, ge=0, description=(
         "at most this many ADMM iterations on the mask after the method (ALPS's mechanism, warm-started from its "
-        "solution; stops early once the mask stops moving, typically after 40-55), then resolve. 0: off. null: "
+        "solution; stops early once the mask stops moving, typically after 40-90), then resolve. 0: off. null: "
         f"{DEFAULT_CAP_ADMM} for cap, 0 for the baselines. Costs an eigendecomposition of H and two "
         "rows·in² products per iteration. Activation curvature only"))
     batchnorm: Literal["reestimate", "keep"] = Field("reestimate", description=(

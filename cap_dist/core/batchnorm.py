@@ -29,32 +29,31 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 @contextmanager
 def measuring_batchnorm(model: nn.Module) -> Iterator[dict[str, nn.Module]]:
-    """Inside: each of the model's BatchNorm layers, when it first runs, restarts from empty statistics and then
-    averages every batch it sees with equal weight (momentum None), in train mode; everything else keeps its
-    mode. Layers that never run keep their statistics (a Ray actor holds copies of modules other actors run).
-    On exit momentum and mode are restored. Yields ``{name: layer}`` of the layers that ran, filled as they do."""
-    names = {m: n for n, m in model.named_modules()}
-    layers = batchnorm_layers(model)
-    saved = [(m, m.momentum, m.training) for m in layers]
+    """Inside: the model's BatchNorm layers start from empty statistics and average every batch they see with
+    equal weight (momentum None), in train mode; everything else keeps its mode. On exit momentum and mode are
+    restored, and layers that never ran get their old statistics back (a Ray actor holds copies of modules
+    other actors run). Yields ``{name: layer}``, filled on exit with the layers that ran."""
+    layers = {n: m for n, m in model.named_modules() if m in set(batchnorm_layers(model))}
+    saved = {n: (m.momentum, m.training, {k: v.clone() for k, v in m.named_buffers(recurse=False) if v is not None})
+             for n, m in layers.items()}
     ran: dict[str, nn.Module] = {}
-
-    def restart(module: nn.Module, _args: tuple) -> None:
-        if names[module] not in ran:
-            module.reset_running_stats()
-            ran[names[module]] = module
-
-    handles = [m.register_forward_pre_hook(restart) for m in layers]
     try:
-        for m in layers:
+        for m in layers.values():
+            m.reset_running_stats()
             m.momentum = None
             m.train()
         yield ran
     finally:
-        for handle in handles:
-            handle.remove()
-        for m, momentum, training in saved:
+        for n, m in layers.items():
+            momentum, training, buffers = saved[n]
             m.momentum = momentum
             m.train(training)
+            if int(m.num_batches_tracked) > 0:
+                ran[n] = m
+            else:
+                with torch.no_grad():
+                    for k, v in buffers.items():
+                        getattr(m, k).copy_(v)
 
 
 def measured_keys(ran: dict[str, nn.Module]) -> list[str]:

@@ -30,8 +30,9 @@ DEFAULT_CAP_BLOCK = 128
 DEFAULT_SPARSEGPT_BLOCK = 128
 DEFAULT_CAP_ADMM = 100
 """The cap of ADMM iterations recipes run after `cap` (``prune.admm_iterations``); ADMM stops earlier once the
-mask stops moving.  With ``resolve`` this put `cap` at or below upstream ALPS's error on every layer of
-bench/peers.py, where fewer iterations (a faster penalty schedule) did not (bench/results/peers.json)."""
+mask stops moving (after 40-90 iterations on the bench/peers.py layers).  With ``resolve`` this put `cap` at or
+below upstream ALPS's error on every layer of bench/peers.py, where a faster penalty schedule (fewer
+iterations) did not (bench/results/peers.json)."""
 
 DEFAULT_REFINE_BLOCK = 256
 """Columns per block of the refinement sweeps when ``refine_block`` is not given (capped at the layer width)."""
