@@ -125,11 +125,12 @@ class Peers:
         return layer.weight.data.clone()
 
 
-def run_layer(name: str, w: torch.Tensor, h: torch.Tensor, cases, peers: Peers | None, results: list) -> None:
+def run_layer(name: str, w: torch.Tensor, h: torch.Tensor, cases, peers: Peers | None, results: list,
+              ours: list[str]) -> None:
     h64 = h.double()
     for sparsity, pattern in cases:
         case = pattern if pattern != "unstructured" else f"{round(sparsity * 100)}%"
-        runs = list(OURS) + (["sparsegpt(upstream)", "alps(upstream)"] if peers else [])
+        runs = ours + (["sparsegpt(upstream)", "alps(upstream)"] if peers else [])
         for label in runs:
             t0 = time.perf_counter()
             if label in OURS:
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big", action="store_true", help="also the 1536×6144 layer")
     parser.add_argument("--no-real", action="store_true", help="skip the vit4mnist / EfficientNet layers")
     parser.add_argument("--big-only", action="store_true", help="only the 1536×6144 layer")
+    parser.add_argument("--ours", default=",".join(OURS), help="comma-separated subset of " + ", ".join(OURS))
     parser.add_argument("--cases", default="50%,70%,2:4", help="comma-separated subset of 50%%,70%%,2:4")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peers.json")
     args = parser.parse_args(argv)
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
     start = time.perf_counter()
     for name, w, h in layers:
-        run_layer(name, w, h, cases, peers, results)
+        run_layer(name, w, h, cases, peers, results, [m for m in args.ours.split(",") if m])
     text = table(results)
     print("\n" + text)
     write_json_atomic(args.out, dict(command=" ".join(["python", "bench/peers.py"] + (argv or sys.argv[1:])),
