@@ -43,7 +43,7 @@ ABLATION = {                  # cap's steps one at a time (sequential mode); the
 RECIPES = {"vit4mnist": "jobs/vit4mnist.yaml", "effnet_lite0": "jobs/effnet_lite0.yaml"}
 
 
-def run(model_name: str, cases: list[str], results: list[dict], methods: list[str], ablation: bool) -> None:
+def run(model_name: str, cases: list[str], results: list[dict], methods: list[str], ablation: list[str]) -> None:
     base = load_recipe(str(ROOT / RECIPES[model_name]))
     dense, spec = load_model(base.model.source)
     calib = draw_batches(base.calibration, spec, purpose="calibration")
@@ -53,8 +53,7 @@ def run(model_name: str, cases: list[str], results: list[dict], methods: list[st
     print(f"{model_name:<13} dense                          top1 {metrics['top1']:.4f}", flush=True)
     for case in cases:
         runs = [(m, m, "sequential", []) for m in methods] + [("cap", "cap", "independent", [])]
-        if ablation:
-            runs += [(label, "cap", "sequential", extra) for label, extra in ABLATION.items()]
+        runs += [(label, "cap", "sequential", extra) for label, extra in ABLATION.items() if label in ablation]
         for label, method, mode, extra in runs:
             recipe = load_recipe(str(ROOT / RECIPES[model_name]),
                                  CASES[case] + [f"prune.method={method}", f"prune.mode={mode}"] + extra)
@@ -86,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
-    parser.add_argument("--ablation", action="store_true", help="also cap with its steps switched off one by one")
+    parser.add_argument("--ablation", nargs="*", default=None, choices=list(ABLATION),
+                        help="also cap with its steps switched off one by one (all, or the variants named)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "oneshot.json")
     args = parser.parse_args(argv)
     if not (ROOT.parent / "shared").is_dir():
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
     start = time.perf_counter()
     for name in args.models:
-        run(name, args.cases, results, args.methods, args.ablation)
+        ablation = [] if args.ablation is None else (args.ablation or list(ABLATION))
+        run(name, args.cases, results, args.methods, ablation)
     text = table(results)
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
