@@ -35,10 +35,15 @@ from cap_dist.engines.local import prune_model  # noqa: E402
 
 CASES = {"50%": ["prune.sparsity=0.5"], "75%": ["prune.sparsity=0.75"], "2:4": ["prune.pattern=2:4"]}
 METHODS = ["magnitude", "wanda", "obs", "sparsegpt", "cap"]
+ABLATION = {                  # cap's steps one at a time (sequential mode); the last is cap's recipe default
+    "cap(plain, BN kept)": ["prune.resolve=false", "prune.admm_iterations=0", "prune.batchnorm=keep"],
+    "cap+resolve (BN kept)": ["prune.admm_iterations=0", "prune.batchnorm=keep"],
+    "cap+admm+resolve (BN kept)": ["prune.batchnorm=keep"],
+}
 RECIPES = {"vit4mnist": "jobs/vit4mnist.yaml", "effnet_lite0": "jobs/effnet_lite0.yaml"}
 
 
-def run(model_name: str, cases: list[str], results: list[dict]) -> None:
+def run(model_name: str, cases: list[str], results: list[dict], methods: list[str], ablation: list[str]) -> None:
     base = load_recipe(str(ROOT / RECIPES[model_name]))
     dense, spec = load_model(base.model.source)
     calib = draw_batches(base.calibration, spec, purpose="calibration")
@@ -47,9 +52,11 @@ def run(model_name: str, cases: list[str], results: list[dict]) -> None:
     results.append(dict(model=model_name, case="dense", method="dense", mode="-", **metrics, seconds=0.0))
     print(f"{model_name:<13} dense                          top1 {metrics['top1']:.4f}", flush=True)
     for case in cases:
-        for method, mode in [(m, "sequential") for m in METHODS] + [("cap", "independent")]:
+        runs = [(m, m, "sequential", []) for m in methods] + [("cap", "cap", "independent", [])]
+        runs += [(label, "cap", "sequential", extra) for label, extra in ABLATION.items() if label in ablation]
+        for label, method, mode, extra in runs:
             recipe = load_recipe(str(ROOT / RECIPES[model_name]),
-                                 CASES[case] + [f"prune.method={method}", f"prune.mode={mode}"])
+                                 CASES[case] + [f"prune.method={method}", f"prune.mode={mode}"] + extra)
             model = copy.deepcopy(dense)
             start = time.perf_counter()
             records, _ = prune_model(recipe, model, calib, select_layers(model, recipe.model))
@@ -57,9 +64,9 @@ def run(model_name: str, cases: list[str], results: list[dict]) -> None:
             m = evaluate_model(model, evaluation, dense_model=dense)
             numel = sum(r.numel for r in records)
             sparsity = sum(r.sparsity * r.numel for r in records) / numel
-            results.append(dict(model=model_name, case=case, method=method, mode=mode, seconds=seconds,
-                                sparsity=sparsity, **m))
-            print(f"{model_name:<13} {case:>4} {method:<10} {mode:<11} top1 {m['top1']:.4f} "
+            results.append(dict(model=model_name, case=case, method=label, mode=mode, seconds=seconds,
+                                sparsity=sparsity, overrides=extra, **m))
+            print(f"{model_name:<13} {case:>4} {label:<10} {mode:<11} top1 {m['top1']:.4f} "
                   f"agree {m.get('agreement', float('nan')):.4f}  {seconds:6.1f}s", flush=True)
 
 
@@ -77,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
+    parser.add_argument("--ablation", nargs="*", default=None, choices=list(ABLATION),
+                        help="also cap with its steps switched off one by one (all, or the variants named)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "oneshot.json")
     args = parser.parse_args(argv)
     if not (ROOT.parent / "shared").is_dir():
@@ -86,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
     start = time.perf_counter()
     for name in args.models:
-        run(name, args.cases, results)
+        ablation = [] if args.ablation is None else (args.ablation or list(ABLATION))
+        run(name, args.cases, results, args.methods, ablation)
     text = table(results)
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
     python bench/peers.py --peers /path/to/peers            # the issue-13 layers; writes bench/results/peers.json
     python bench/peers.py --peers DIR --big                 # also the 1536×6144 ViT-g-shaped layer (slow on CPU)
+    python bench/peers.py --peers DIR --big-only --cases 50% --out bench/results/peers-big.json
     python bench/peers.py                                   # cap-dist's methods only
 
 ``--peers DIR`` holds checkouts of https://github.com/mazumder-lab/ALPS (as DIR/ALPS) and
@@ -40,18 +41,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.solvers import SHARED, write_json_atomic  # noqa: E402
-from cap_dist.solvers import prune_layer, relative_error  # noqa: E402
+from cap_dist.solvers import DEFAULT_CAP_ADMM, prune_layer, relative_error  # noqa: E402
 
 CASES = [(0.5, "unstructured"), (0.7, "unstructured"), (0.5, "2:4")]
 VIT_LAYERS = ["blocks.2.attn.qkv", "blocks.2.mlp.fc1", "blocks.2.mlp.fc2", "blocks.5.mlp.fc2"]
 EFFNET_LAYERS = ["blocks.5.1.conv_pw", "blocks.5.0.conv_pwl", "conv_head"]
 OURS = {                                        # label -> prune_layer keywords (block 128 = the recipe default)
-    "cap": dict(method="cap", block_size=128),
-    "cap+resolve": dict(method="cap", block_size=128, resolve=True),
-    "cap+refine+resolve": dict(method="cap", block_size=128, refine=1, resolve=True),
-    "cap+admm+resolve": dict(method="cap", block_size=128, admm=100, resolve=True),
-    "sparsegpt": dict(method="sparsegpt", block_size=128),
-    "sparsegpt(mean damp)": dict(method="sparsegpt", block_size=128, damp_mode="mean"),
+    "cap(plain)": dict(method="cap", resolve=False),
+    "cap+resolve": dict(method="cap", resolve=True),
+    "cap(default)": dict(method="cap", admm=DEFAULT_CAP_ADMM, resolve=True),     # = a recipe's prune.method=cap
+    "cap+refine+admm+resolve": dict(method="cap", refine=1, admm=DEFAULT_CAP_ADMM, resolve=True),
+    "sparsegpt(relative damp)": dict(method="sparsegpt", damp_mode="relative"),
+    "sparsegpt(faithful)": dict(method="sparsegpt", damp_mode="mean"),         # = a recipe's prune.method=sparsegpt
 }
 
 
@@ -124,11 +125,12 @@ class Peers:
         return layer.weight.data.clone()
 
 
-def run_layer(name: str, w: torch.Tensor, h: torch.Tensor, cases, peers: Peers | None, results: list) -> None:
+def run_layer(name: str, w: torch.Tensor, h: torch.Tensor, cases, peers: Peers | None, results: list,
+              ours: list[str]) -> None:
     h64 = h.double()
     for sparsity, pattern in cases:
         case = pattern if pattern != "unstructured" else f"{round(sparsity * 100)}%"
-        runs = list(OURS) + (["sparsegpt(upstream)", "alps(upstream)"] if peers else [])
+        runs = ours + (["sparsegpt(upstream)", "alps(upstream)"] if peers else [])
         for label in runs:
             t0 = time.perf_counter()
             if label in OURS:
@@ -147,7 +149,7 @@ def run_layer(name: str, w: torch.Tensor, h: torch.Tensor, cases, peers: Peers |
 
 def table(results: list[dict]) -> str:
     methods = list(dict.fromkeys(r["method"] for r in results))
-    ref = "alps(upstream)" if "alps(upstream)" in methods else "sparsegpt"
+    ref = "alps(upstream)" if "alps(upstream)" in methods else "sparsegpt(faithful)"
     lines = [f"relative error on the undamped H (ratio to {ref}); seconds", "",
              "| layer | case | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for key in dict.fromkeys((r["layer"], r["case"]) for r in results):
@@ -159,8 +161,12 @@ def table(results: list[dict]) -> str:
     lines += ["", f"| geometric mean ratio to {ref} | | " + " | ".join(
         f"{math.exp(sum(math.log(r['rel_error'] / next(q['rel_error'] for q in results if q['layer'] == r['layer'] and q['case'] == r['case'] and q['method'] == ref)) for r in results if r['method'] == m) / max(1, sum(r['method'] == m for r in results))):.3f}"
         for m in methods) + " |"]
-    lines.append("| total seconds | | " + " | ".join(f"{sum(r['seconds'] for r in results if r['method'] == m):.0f}"
-                                                    for m in methods) + " |")
+    total = {m: sum(r["seconds"] for r in results if r["method"] == m) for m in methods}
+    lines.append("| total seconds | | " + " | ".join(f"{total[m]:.0f}" for m in methods) + " |")
+    for peer in ("alps(upstream)", "sparsegpt(upstream)"):
+        if peer in total:
+            lines.append(f"| time ratio to {peer} | | " + " | ".join(f"{total[m] / total[peer]:.2f}×"
+                                                                      for m in methods) + " |")
     return "\n".join(lines)
 
 
@@ -169,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", type=Path, default=None, help="folder with ALPS/ and sparsegpt/ checkouts")
     parser.add_argument("--big", action="store_true", help="also the 1536×6144 layer")
     parser.add_argument("--no-real", action="store_true", help="skip the vit4mnist / EfficientNet layers")
+    parser.add_argument("--big-only", action="store_true", help="only the 1536×6144 layer")
+    parser.add_argument("--ours", default=",".join(OURS), help="comma-separated subset of " + ", ".join(OURS))
     parser.add_argument("--cases", default="50%,70%,2:4", help="comma-separated subset of 50%%,70%%,2:4")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peers.json")
     args = parser.parse_args(argv)
@@ -177,14 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c for c in CASES if (c[1] if c[1] != "unstructured" else f"{round(c[0] * 100)}%") in wanted]
     peers = Peers(args.peers) if args.peers else None
     prune_layer(torch.randn(4, 64), torch.eye(64), method="cap", sparsity=0.5, block_size=32)  # compile numba
-    layers = [] if args.no_real else real_layers()
-    layers.append(("synthetic/loud 768×3072", *loud_layer(768, 3072)))
-    if args.big:
+    layers = [] if args.no_real or args.big_only else real_layers()
+    if not args.big_only:
+        layers.append(("synthetic/loud 768×3072", *loud_layer(768, 3072)))
+    if args.big or args.big_only:
         layers.append(("synthetic/loud 1536×6144", *loud_layer(1536, 6144, seed=1)))
     results: list[dict] = []
     start = time.perf_counter()
     for name, w, h in layers:
-        run_layer(name, w, h, cases, peers, results)
+        run_layer(name, w, h, cases, peers, results, [m for m in args.ours.split(",") if m])
     text = table(results)
     print("\n" + text)
     write_json_atomic(args.out, dict(command=" ".join(["python", "bench/peers.py"] + (argv or sys.argv[1:])),

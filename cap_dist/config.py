@@ -22,7 +22,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, WithJsonSchema,
                       model_validator)
 
-from cap_dist.solvers import DEFAULT_CAP_BLOCK, DEFAULT_SPARSEGPT_BLOCK
+from cap_dist.solvers import DEFAULT_CAP_ADMM, DEFAULT_CAP_BLOCK, DEFAULT_SPARSEGPT_BLOCK
 from cap_dist.solvers.patterns import Pattern, parse_pattern
 
 
@@ -98,6 +98,44 @@ class PruneConfig(_Strict):
     keep_zeros: bool = Field(True, description="weights already exactly zero stay pruned (gradual pruning keeps "
                                                "earlier masks; OBS updates never revive them)")
     quantize: QuantizeConfig = QuantizeConfig()
+    damp_mode: Literal["relative", "mean"] | None = Field(None, description=(
+        "how damp is added to H. relative: H_ii·(1 + damp) per input (cap's); mean: damp·mean(diag H) on every "
+        "input, dead inputs zeroed first, the damping of the SparseGPT and OBC papers and their code (percdamp). "
+        "null: each method's own, mean for sparsegpt and obs (the faithful baselines), relative otherwise "
+        "(wanda and magnitude use no damping)"))
+    resolve: bool | None = Field(None, description=(
+        "after the method, re-solve every row's kept weights exactly for the layer's quadratic (batched "
+        "conjugate gradients); never raises a layer's error on its own inputs. null: on for cap, off for the "
+        "baselines (they stay the methods their papers describe). Activation curvature only"))
+    admm_iterations: int | None = Field(None, ge=0, description=(
+        "at most this many ADMM iterations on the mask after the method (ALPS's mechanism, warm-started from its "
+        "solution; stops early once the mask stops moving, typically after 40-90), then resolve. 0: off. null: "
+        f"{DEFAULT_CAP_ADMM} for cap, 0 for the baselines. Costs an eigendecomposition of H and two "
+        "rows·in² products per iteration. Activation curvature only"))
+    batchnorm: Literal["reestimate", "keep"] = Field("reestimate", description=(
+        "after pruning, recompute the BatchNorm layers' running statistics on the calibration images (one pass, "
+        "as OBC does): the dense model's statistics no longer describe the pruned activations. keep: leave them. "
+        "Nothing to do for models without BatchNorm"))
+    refine: int = Field(0, ge=0, description=(
+        "exact block re-search sweeps of the mask after the method (before ADMM); measured to gain little "
+        "(bench/results/ablation.json). Activation curvature only"))
+
+    @property
+    def method_damp_mode(self) -> str:
+        """The damping the solver uses: the recipe's ``damp_mode``, else the method's own (see the field)."""
+        if self.damp_mode is not None:
+            return self.damp_mode
+        return "mean" if self.method in ("sparsegpt", "obs") else "relative"
+
+    @property
+    def polish(self) -> dict:
+        """``prune_layer`` keywords for the steps after the method: the recipe's values, else cap's defaults
+        (chosen in bench/peers.py: error at or below upstream ALPS on every measured layer) for cap with activation
+        curvature, off otherwise."""
+        own = self.method == "cap" and self.curvature == "activations"
+        return dict(resolve=own if self.resolve is None else self.resolve,
+                    admm=(DEFAULT_CAP_ADMM if own else 0) if self.admm_iterations is None else self.admm_iterations,
+                    refine=self.refine)
 
     @property
     def cap_block(self) -> int | None:
@@ -122,6 +160,9 @@ class PruneConfig(_Strict):
         if self.quantize.bits and self.quantize.method == "gptq" and self.curvature == "fisher":
             raise ValueError("quantize.method=gptq needs activation curvature (an input Hessian); use "
                              "curvature=activations or quantize.method=rtn")
+        if self.curvature == "fisher" and (self.resolve or self.admm_iterations or self.refine):
+            raise ValueError("prune.resolve, prune.admm_iterations and prune.refine need activation curvature (an "
+                             "input Hessian); use curvature=activations or turn them off")
         if self.allocation == "global" and self.pattern.structured:
             raise ValueError("global allocation applies to unstructured sparsity; N:M fixes every layer's sparsity")
         if self.allocation == "global" and self.sparsity > self.max_layer_sparsity:

@@ -17,6 +17,9 @@ from cap_dist.solvers import LayerResult, LossCurve, prune_layer
 from cap_dist.solvers.numerics import quadratic_loss
 from cap_dist.solvers.quantize import quantize
 
+ADMM_TYPICAL_ITERATIONS = 45
+"""Where ADMM's early stop typically ends (bench/peers.py layers): the planner's cost estimate, not a limit."""
+
 if TYPE_CHECKING:
     from cap_dist.config import PruneConfig
 
@@ -53,7 +56,7 @@ def solve_layer(name: str, stage: str, module: nn.Module, curvature: torch.Tenso
     sparsity = level_with_prior(sparsity, prior, cfg)
     res = prune_layer(weight, curvature.to(weight.device, torch.float32), method=cfg.method, sparsity=sparsity,
                       pattern=cfg.pattern, block_size=cfg.cap_block if cfg.method == "cap" else cfg.sweep_block,
-                      damp=cfg.damp, prior_mask=prior)
+                      damp=cfg.damp, prior_mask=prior, damp_mode=cfg.method_damp_mode, **cfg.polish)
     record = LayerRecord(layer=name, stage=stage, rows=weight.shape[0], columns=weight.shape[1],
                          numel=weight.numel(), target_sparsity=sparsity, sparsity=res.sparsity, loss=res.loss,
                          rel_error=res.relative_error, seconds=res.info["seconds"],
@@ -81,17 +84,29 @@ def _quantize_pruned(record: LayerRecord, dense: torch.Tensor, res: LayerResult,
 
 def loss_curve(module: nn.Module, curvature: torch.Tensor, cfg: "PruneConfig", depth: float) -> LossCurve:
     """The layer's removal-loss curve (loss against sparsity, up to ``depth``) from CAP on its dense curvature:
-    what :func:`cap_dist.core.allocate.global_levels` compares across layers. The layer is not changed."""
+    what :func:`cap_dist.core.allocate.global_levels` compares across layers. The layer is not changed.
+
+    No resolve/ADMM here: the curve is the greedy's removal trace (a polished mask has none), and allocation
+    must stay cheap; it only ranks layers, the final solve polishes each layer at its allocated level."""
     weight = flattened_weight(module).clone().float()
     prior = prior_mask_of(weight, cfg)
     res = prune_layer(weight, curvature.float(), method="cap", sparsity=level_with_prior(cfg.sparsity, prior, cfg),
-                      block_size=cfg.cap_block, damp=cfg.damp, max_row_sparsity=depth, prior_mask=prior)
+                      block_size=cfg.cap_block, damp=cfg.damp, max_row_sparsity=depth, prior_mask=prior,
+                      damp_mode=cfg.method_damp_mode if cfg.method == "cap" else "relative")
     return res.curve
 
 
 def estimated_solve_flops(module: nn.Module, cfg: "PruneConfig") -> float:
     """What a layer's solve costs, for balancing work across actors: CAP's greedy, rows · in · B² with B its
-    block (the whole row when none). The other methods are cheaper column sweeps and are planned alike."""
+    block (the whole row when none), plus ADMM and the re-solve when the recipe runs them (they dominate on
+    wide layers). The other methods are cheaper column sweeps and are planned alike."""
     columns = layer_columns(module)
+    rows = module.weight.shape[0]
     block = min(cfg.cap_block or columns, columns)
-    return float(module.weight.shape[0] * columns * block ** 2)
+    flops = float(rows * columns * block ** 2)
+    polish = cfg.polish
+    if polish["admm"]:              # eigendecomposition + ~45 iterations of two rows·in² products (early stop)
+        flops += 10.0 * columns ** 3 + 2.0 * min(polish["admm"], ADMM_TYPICAL_ITERATIONS) * rows * columns ** 2
+    if polish["resolve"]:           # ~20 conjugate-gradient steps of one rows·in² product
+        flops += 20.0 * rows * columns ** 2
+    return flops

@@ -8,7 +8,8 @@ Modes:
   independent problems (what the Ray engine solves in parallel, and must reproduce).
 
 Global allocation first reads every layer's loss curve from its dense curvature, chooses per-layer sparsities,
-then prunes with those. Every step is a function of :mod:`cap_dist.core`; this module only decides the order.
+then prunes with those. Last, BatchNorm statistics are re-estimated on the calibration images
+(``prune.batchnorm``; :mod:`cap_dist.core.batchnorm`). Every step is a function of :mod:`cap_dist.core`; this module only decides the order.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cap_dist.core import (Accumulator, Batch, LayerRecord, PruneResult, check_l
                            curve_depth, dense_curvature, device_of, layer_levels, layer_table, loss_curve,
                            model_stages, needs_loss_curves, peek_curvature, run_stage_over, select_layers,
                            solve_layer, solve_stage, take_curvature)
+from cap_dist.core.batchnorm import batchnorm_layers, reestimate_batchnorm
 from cap_dist.models.source import ModelSource
 
 log = logging.getLogger(__name__)
@@ -54,9 +56,14 @@ def prune_model(recipe: Recipe, model: nn.Module, batches: list[Batch],
         records = [solve_layer(name, "independent", module, take_curvature(dense.pop(name)), cfg, levels[name])
                    for name, module in tqdm(layers.items(), desc="solve", unit="layer")]   # each H freed once used
         timings["solve"] += time.perf_counter() - start
-        return records, timings
-    dense = None                      # sequential mode recalibrates every block: free the dense curvature
-    return _sequential(recipe, model, batches, layers, levels, timings), timings
+    else:
+        dense = None                  # sequential mode recalibrates every block: free the dense curvature
+        records = _sequential(recipe, model, batches, layers, levels, timings)
+    if cfg.batchnorm == "reestimate" and batchnorm_layers(model):
+        start = time.perf_counter()
+        reestimate_batchnorm(model, model_stages(model, layers, batches[0][0][:1]), [x for x, _ in batches])
+        timings["batchnorm"] = time.perf_counter() - start
+    return records, timings
 
 
 def _sequential(recipe: Recipe, model: nn.Module, batches: list[Batch], layers: dict[str, nn.Module],

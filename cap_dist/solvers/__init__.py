@@ -28,11 +28,16 @@ METHODS = ("cap", "sparsegpt", "obs", "wanda", "magnitude")
 DEFAULT_CAP_BLOCK = 128
 """The block size recipes use for `cap` unless they say otherwise (see bench/solvers.py for why)."""
 DEFAULT_SPARSEGPT_BLOCK = 128
+DEFAULT_CAP_ADMM = 100
+"""The cap of ADMM iterations recipes run after `cap` (``prune.admm_iterations``); ADMM stops earlier once the
+mask stops moving (after 40-90 iterations on the bench/peers.py layers).  With ``resolve`` this put `cap` at or
+below upstream ALPS's error on every layer of bench/peers.py, where a faster penalty schedule (fewer
+iterations) did not (bench/results/peers.json)."""
 
 DEFAULT_REFINE_BLOCK = 256
 """Columns per block of the refinement sweeps when ``refine_block`` is not given (capped at the layer width)."""
 
-__all__ = ["DAMP_MODES", "DEFAULT_CAP_BLOCK", "METHODS", "relative_error", "FisherAccumulator", "HessianAccumulator", "LayerResult", "LossCurve", "Pattern",
+__all__ = ["DAMP_MODES", "DEFAULT_CAP_ADMM", "DEFAULT_CAP_BLOCK", "METHODS", "relative_error", "FisherAccumulator", "HessianAccumulator", "LayerResult", "LossCurve", "Pattern",
            "allocate_global", "allocate_uniform", "is_valid_n_m", "parse_pattern", "prune_layer"]
 
 
@@ -58,7 +63,8 @@ def _check_prior(prior_mask: torch.Tensor | None, weight: torch.Tensor, sparsity
 
 
 def prune_layer(weight: torch.Tensor, hessian: torch.Tensor, *, method: str, sparsity: float,
-                pattern: str | Pattern = "unstructured", block_size: int | None = None, damp: float = 0.01,
+                pattern: str | Pattern = "unstructured", block_size: int | None = DEFAULT_CAP_BLOCK,
+                damp: float = 0.01,
                 backend: str = "auto", max_row_sparsity: float | None = None,
                 prior_mask: torch.Tensor | None = None, damp_mode: str = "relative", refine: int = 0,
                 refine_block: int | None = None, admm: int = 0, admm_rho: float = ADMM_RHO,
@@ -71,8 +77,8 @@ def prune_layer(weight: torch.Tensor, hessian: torch.Tensor, *, method: str, spa
         method: ``cap``, ``sparsegpt``, ``obs``, ``wanda`` or ``magnitude``.
         sparsity: fraction of weights removed, in [0, 1) (ignored for N:M, which fixes it).
         pattern: ``"unstructured"`` or ``"N:M"`` (N kept of every M consecutive inputs).
-        block_size: ``cap``: columns per block (None = whole rows, exact OBC); ``sparsegpt``: lazy
-            batch size (None = 128).  Fisher curvature takes its block size from ``hessian``.
+        block_size: ``cap``: columns per block (default 128, the recipes' default; None = whole rows, the
+            exact OBC, O(rows·in³): hours on a ViT-g layer); ``sparsegpt``: lazy batch size (None = 128).  Fisher curvature takes its block size from ``hessian``.
         damp: relative damping per input, H_ii ← H_ii·(1 + damp) + damp·1e-4·mean(diag H).
         backend: ``cap`` inner loop: ``auto`` (numba on CPU, torch elsewhere), ``numba``, ``torch``.
         max_row_sparsity: ``cap``: deepest fraction of a block any row may lose (the greedy's early

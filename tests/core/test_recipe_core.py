@@ -63,3 +63,32 @@ def test_one_result_type_with_the_overall_sparsity() -> None:
     result = PruneResult(recipe=recipe(), engine="local", layers=rows)
     assert result.sparsity == overall_sparsity(rows) == pytest.approx((4 + 18) / 32)
     assert result.output == "x" and result.model is None and result.manifest is None
+
+
+def test_polish_defaults_are_the_methods_own() -> None:
+    """cap polishes by default; the baselines stay the methods their papers describe (upstream damping, no
+    polish) unless the recipe says otherwise."""
+    from cap_dist.solvers import DEFAULT_CAP_ADMM
+
+    cap = recipe().prune
+    assert cap.polish == dict(resolve=True, admm=DEFAULT_CAP_ADMM, refine=0) and cap.method_damp_mode == "relative"
+    for method in ("sparsegpt", "obs"):
+        base = recipe(method=method).prune
+        assert base.polish == dict(resolve=False, admm=0, refine=0) and base.method_damp_mode == "mean"
+    assert recipe(method="wanda").prune.method_damp_mode == "relative"
+    assert recipe(method="sparsegpt", damp_mode="relative").prune.method_damp_mode == "relative"
+    assert recipe(method="sparsegpt", resolve=True).prune.polish["resolve"] is True
+    assert recipe(admm_iterations=0, resolve=False, refine=2).prune.polish == dict(resolve=False, admm=0, refine=2)
+    assert recipe(curvature="fisher").prune.polish == dict(resolve=False, admm=0, refine=0)
+
+
+@pytest.mark.parametrize("key,value", [("resolve", True), ("admm_iterations", 5), ("refine", 1)])
+def test_polish_with_fisher_curvature_is_a_recipe_error(key: str, value) -> None:
+    with pytest.raises(RecipeError, match="activation curvature"):
+        recipe(curvature="fisher", **{key: value})
+
+
+@pytest.mark.parametrize("key,value", [("admm_iterations", -1), ("refine", -2), ("damp_mode", "diag")])
+def test_bad_polish_keys_are_recipe_errors(key: str, value) -> None:
+    with pytest.raises(RecipeError, match=f"prune.{key}"):
+        recipe(**{key: value})

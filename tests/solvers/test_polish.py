@@ -145,3 +145,45 @@ def test_fisher_curvature_has_no_polish() -> None:
     fisher = torch.eye(8, dtype=torch.float64).expand(8, 8, 8).clone()
     with pytest.raises(ValueError, match="activation curvature"):
         prune_layer(w, fisher, method="cap", sparsity=0.5, resolve=True)
+
+
+def test_prune_layer_default_block_is_the_recipes() -> None:
+    """prune_layer without block_size solves as a default recipe does (128 columns), not whole rows."""
+    from cap_dist.config import PruneConfig
+    from cap_dist.solvers import DEFAULT_CAP_BLOCK
+
+    w, _, h = correlated_problem(rows=6, cols=320, samples=800, seed=3, dtype=torch.float32)
+    assert PruneConfig().block_size == DEFAULT_CAP_BLOCK == 128
+    default = prune_layer(w, h, method="cap", sparsity=0.5)
+    blocked = prune_layer(w, h, method="cap", sparsity=0.5, block_size=128)
+    whole = prune_layer(w, h, method="cap", sparsity=0.5, block_size=None)
+    assert torch.equal(default.weight, blocked.weight)
+    assert not torch.equal(default.weight, whole.weight)      # the blocks make a difference on this layer
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5)])
+def test_recipe_default_cap_solve_beats_plain_cap_and_keeps_guarantees(pattern: str, sparsity: float) -> None:
+    """core.solve_layer with a default recipe polishes (resolve + ADMM): never worse than plain CAP on the samples,
+    exact count / valid groups, and weights already zero stay zero (gradual pruning)."""
+    from cap_dist.config import PruneConfig
+    from cap_dist.core import prior_mask_of, solve_layer
+
+    w, x, h = correlated_problem(rows=24, cols=96, samples=600, seed=11, dtype=torch.float32)
+    zeros = [0, 1, 4]                                                # an earlier step's zeros (prior mask)
+    w[:, zeros] = 0.0
+    layer = torch.nn.Linear(96, 24, bias=False)
+    layer.weight.data = w.clone()
+    cfg = PruneConfig(sparsity=sparsity, pattern=pattern, block_size=32)
+    record = solve_layer("fc", "independent", layer, h, cfg, cfg.layer_sparsity)
+    plain = prune_layer(w, h, method="cap", sparsity=sparsity, pattern=pattern, block_size=32,
+                        prior_mask=prior_mask_of(w, cfg))
+    pruned = layer.weight.data
+    assert bool((pruned[:, zeros] == 0).all())
+    assert sample_error(w.double(), pruned.double(), x.double()) <= sample_error(w.double(), plain.weight.double(),
+                                                                                 x.double()) * (1 + 1e-6)
+    assert record.rel_error == pytest.approx(sample_error(w.double(), pruned.double(), x.double()), rel=1e-4)
+    assert record.rel_error < plain.relative_error * 0.99            # the polish ran (it gains here)
+    if pattern == "2:4":
+        assert is_valid_n_m(pruned != 0, parse_pattern("2:4"))
+    else:
+        assert int((pruned == 0).sum()) == round(sparsity * w.numel())

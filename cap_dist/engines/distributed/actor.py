@@ -23,6 +23,7 @@ from torch import nn
 from cap_dist.config import recipe_from_dict
 from cap_dist.core import (LayerRecord, Stage, collect_hessians, device_of, loss_curve, model_stages, run_stages,
                            select_layers, solve_layer, solve_stage, take_curvature)
+from cap_dist.core.batchnorm import batchnorm_layers, measured_keys, measuring_batchnorm
 from cap_dist.engines.distributed.memory import StageMemory, map_large_blocks, peak_rss_mb, trim_heap
 from cap_dist.models.capture import flattened_weight, set_flattened_weight
 from cap_dist.models.source import ModelSource
@@ -203,6 +204,33 @@ class PruneActor:
             with torch.no_grad():
                 hidden = [stage.run(h) for h in hidden]
         return hidden
+
+    # -- BatchNorm re-estimation (after every layer is solved) ----------------------------------------
+
+    def batchnorm_layers(self) -> int:
+        """How many BatchNorm layers with running statistics this shard holds."""
+        return len(batchnorm_layers(self.model))
+
+    def batchnorm_begin(self) -> None:
+        """Start measuring: this shard's BatchNorm statistics restart empty and average the batches to come."""
+        self._measuring = measuring_batchnorm(self.model)
+        self._measured = self._measuring.__enter__()
+
+    def batchnorm_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One calibration batch through the pruned shard while its BatchNorm layers measure (same stages, same
+        order as the local engine's pass: :func:`cap_dist.core.batchnorm.reestimate_batchnorm`)."""
+        with torch.no_grad():
+            return run_stages(self.stages, x.to(self.device)).cpu()
+
+    def batchnorm_end(self) -> None:
+        """Stop measuring: BatchNorm layers back to eval mode with their new statistics."""
+        self._measuring.__exit__(None, None, None)
+        self._measuring = None
+
+    def batchnorm_measured(self) -> list[str]:
+        """State-dict keys of the statistics this shard re-estimated: reassembly takes them from this actor (the
+        first and last actors both hold the modules outside the blocks; only the one that runs them measures)."""
+        return measured_keys(getattr(self, "_measured", None) or {})
 
     # -- results -------------------------------------------------------------------------------------
 

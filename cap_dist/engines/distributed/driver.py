@@ -248,7 +248,25 @@ def _attempt(recipe: Recipe, actors: list[Any], batch_refs: list[Any], failures:
                 ray.get(hidden)
                 bar.update(1)
     timings["solve"] = time.perf_counter() - start
+    if cfg.batchnorm == "reestimate" and sum(ray.get([a.batchnorm_layers.remote() for a in actors])):
+        start = time.perf_counter()
+        _reestimate_batchnorm(actors, batch_refs)
+        timings["batchnorm"] = time.perf_counter() - start
     return {"levels": levels, "timings": timings}
+
+
+def _reestimate_batchnorm(actors: list[Any], batch_refs: list[Any]) -> None:
+    """The local engine's BatchNorm pass, sharded: every calibration batch streams through the pruned actor chain
+    while each actor's BatchNorm layers measure. An actor runs its calls in the order they were submitted, so
+    each sees the batches in the local pass's order and ends with the same statistics."""
+    ray.get([a.batchnorm_begin.remote() for a in actors])
+    finals = []
+    for ref in batch_refs:
+        for actor in actors:
+            ref = actor.batchnorm_forward.remote(ref)
+        finals.append(ref)
+    ray.get(finals)
+    ray.get([a.batchnorm_end.remote() for a in actors])
 
 
 def prune_distributed(recipe: Recipe, source: ModelSource | None = None, write: bool = True) -> PruneResult:
@@ -292,8 +310,12 @@ def prune_distributed(recipe: Recipe, source: ModelSource | None = None, write: 
                 ray.get([a.release.remote() for a in actors])
                 write_start = time.perf_counter()
                 state: dict[str, torch.Tensor] = {}
-                for part in ray.get([a.state.remote() for a in actors]):
+                parts = ray.get([a.state.remote() for a in actors])
+                for part in parts:
                     state.update(part)
+                for part, keys in zip(parts, ray.get([a.batchnorm_measured.remote() for a in actors])):
+                    state.update({k: part[k] for k in keys})          # re-estimated statistics from who ran them
+                del parts
                 stats = ray.get([a.stats.remote() for a in actors])       # after gathering: its memory counts
                 break
             except ACTOR_FAILURES as err:

@@ -25,6 +25,7 @@ MODELS = {
     "vit": ("timm:VisionTransformer", {"img_size": 32, "patch_size": 8, "num_classes": 4, "embed_dim": 32,
                                        "depth": 3, "num_heads": 2, "mlp_ratio": 2.0}),
     "convnext": ("timm:ConvNeXt", {"depths": [1, 1, 1, 1], "dims": [8, 16, 16, 32], "num_classes": 4}),
+    "effnet": ("timm:test_efficientnet", {"num_classes": 4}),        # BatchNorm everywhere
     # wide enough that solving takes seconds: the kill below must land while work remains
     "vit_wide": ("timm:VisionTransformer", {"img_size": 32, "patch_size": 8, "num_classes": 4, "embed_dim": 256,
                                             "depth": 4, "num_heads": 4, "mlp_ratio": 4.0}),
@@ -40,8 +41,7 @@ def assets(tmp_path_factory) -> Path:
     for key, (arch, kwargs) in MODELS.items():
         torch.manual_seed(0)
         name = arch.removeprefix("timm:")
-        cls = getattr(timm.models, name)
-        model = cls(**kwargs)
+        model = timm.create_model(name, **kwargs) if name.startswith("test_") else getattr(timm.models, name)(**kwargs)
         (root / key).mkdir()
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / key / "model.safetensors")
         (root / key / "model.json").write_text(json.dumps({"architecture": arch, "create_kwargs": kwargs,
@@ -78,6 +78,26 @@ def test_distributed_equals_single_process(ray_cluster, assets: Path, model: str
         for key, tensor in sparse.state_dict().items():
             assert torch.equal(tensor == 0, expected[key] == 0), (actors, key)
             torch.testing.assert_close(tensor, expected[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["independent", "sequential"])
+def test_batchnorm_reestimation_matches_single_process(ray_cluster, assets: Path, mode: str) -> None:
+    """prune.batchnorm=reestimate: the actors' sharded pass over the calibration batches ends with the local
+    engine's BatchNorm statistics (and these are not the dense model's)."""
+    from cap_dist.models.source import ModelSource
+
+    local = prune(recipe_from_dict(dict(tree(assets, "effnet", f"bn-{mode}-local", mode=mode), engine="local")))
+    expected = local.model.state_dict()
+    dense = ModelSource.of(local.recipe.model).load().state_dict()
+    means = [k for k in expected if k.endswith("running_mean")]
+    assert len(means) > 5 and all(not torch.equal(expected[k], dense[k]) for k in means)
+    for actors in (1, 2):
+        recipe = recipe_from_dict(dict(tree(assets, "effnet", f"bn-{mode}-{actors}", mode=mode),
+                                       distributed={"actors": actors, "num_cpus": 1}))
+        assert "batchnorm" in prune(recipe).manifest["timings"]
+        sparse, _ = load_sparse(recipe.output)
+        for key, tensor in sparse.state_dict().items():
+            torch.testing.assert_close(tensor, expected[key], rtol=1e-5, atol=1e-6, msg=f"{actors} actors: {key}")
 
 
 def test_global_allocation_matches_single_process(ray_cluster, assets: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from cap_dist.config import RecipeError, load_recipe, recipe_from_dict
 from cap_dist.output import CorruptOutputError, load_sparse, read_report
@@ -234,3 +234,30 @@ def test_the_ray_driver_checks_the_layers_before_calibrating(workdir: Path, monk
     monkeypatch.setattr(draw, "draw_batches", lambda *a, **k: (_ for _ in ()).throw(AssertionError()))
     with pytest.raises(ValueError, match="pattern 4:12 needs"):
         prune(recipe_from_dict(dict(recipe_tree(workdir, pattern="4:12"), engine="ray")))
+
+
+def test_batchnorm_statistics_are_reestimated_unless_kept(workdir: Path) -> None:
+    """prune.batchnorm: reestimate (default) writes the pruned model's own BatchNorm statistics, measured on the
+    calibration images; keep writes the dense ones; the pruned weights are the same either way."""
+    effnet = workdir / "effnet"
+    if not effnet.exists():
+        torch.manual_seed(0)
+        model = timm.create_model("test_efficientnet", num_classes=4)
+        effnet.mkdir()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, effnet / "model.safetensors")
+        (effnet / "model.json").write_text(json.dumps(
+            {"architecture": "timm:test_efficientnet", "create_kwargs": {"num_classes": 4}, "input": INPUT}))
+    results = {}
+    for choice in ("reestimate", "keep"):
+        tree = recipe_tree(workdir, batchnorm=choice)
+        tree["model"]["source"] = str(effnet)
+        tree["output"] += "-effnet"
+        results[choice] = prune(recipe_from_dict(tree))
+    dense = {k: v for k, v in load_file(effnet / "model.safetensors").items()}
+    new, kept = results["reestimate"].model.state_dict(), results["keep"].model.state_dict()
+    stats = [k for k in dense if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) > 10
+    assert all(torch.equal(kept[k], dense[k]) for k in stats)
+    assert all(not torch.equal(new[k], dense[k]) for k in stats)
+    assert all(torch.equal(new[k], kept[k]) for k in new if k.endswith("weight") and k not in stats)
+    assert "batchnorm" in results["reestimate"].timings and "batchnorm" not in results["keep"].timings
