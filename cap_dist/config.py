@@ -112,10 +112,11 @@ class PruneConfig(_Strict):
         "solution; stops early once the mask stops moving, typically after 40-90), then resolve. 0: off. null: "
         f"{DEFAULT_CAP_ADMM} for cap, 0 for the baselines. Costs an eigendecomposition of H and two "
         "rows·in² products per iteration. Activation curvature only"))
-    batchnorm: Literal["reestimate", "keep"] = Field("reestimate", description=(
-        "after pruning, recompute the BatchNorm layers' running statistics on the calibration images (one pass, "
-        "as OBC does): the dense model's statistics no longer describe the pruned activations. keep: leave them. "
-        "Nothing to do for models without BatchNorm"))
+    batchnorm: Literal["reestimate", "keep"] = Field("keep", description=(
+        "reestimate: after pruning, recompute the BatchNorm layers' running statistics on the calibration images "
+        "(one pass, as OBC does). keep (default): leave the dense model's. Measured on EfficientNet-Lite0 at 50 % "
+        "(cap, 256 calibration images, 500 held out): reestimate 0.662 top-1, keep 0.720, so it is not the "
+        "default. Nothing to do for models without BatchNorm"))
     refine: int = Field(0, ge=0, description=(
         "exact block re-search sweeps of the mask after the method (before ADMM); measured to gain little "
         "(bench/results/ablation.json). Activation curvature only"))

@@ -86,14 +86,15 @@ def test_batchnorm_reestimation_matches_single_process(ray_cluster, assets: Path
     engine's BatchNorm statistics (and these are not the dense model's)."""
     from cap_dist.models.source import ModelSource
 
-    local = prune(recipe_from_dict(dict(tree(assets, "effnet", f"bn-{mode}-local", mode=mode), engine="local")))
+    local = prune(recipe_from_dict(dict(tree(assets, "effnet", f"bn-{mode}-local", mode=mode, batchnorm="reestimate"),
+                                        engine="local")))
     expected = local.model.state_dict()
     dense = ModelSource.of(local.recipe.model).load().state_dict()
     means = [k for k in expected if k.endswith("running_mean")]
     assert len(means) > 5 and all(not torch.equal(expected[k], dense[k]) for k in means)
     for actors in (1, 2):
-        recipe = recipe_from_dict(dict(tree(assets, "effnet", f"bn-{mode}-{actors}", mode=mode),
-                                       distributed={"actors": actors, "num_cpus": 1}))
+        recipe = recipe_from_dict(dict(tree(assets, "effnet", f"bn-{mode}-{actors}", mode=mode,
+                                            batchnorm="reestimate"), distributed={"actors": actors, "num_cpus": 1}))
         assert "batchnorm" in prune(recipe).manifest["timings"]
         sparse, _ = load_sparse(recipe.output)
         for key, tensor in sparse.state_dict().items():

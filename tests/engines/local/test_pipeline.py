@@ -237,7 +237,7 @@ def test_the_ray_driver_checks_the_layers_before_calibrating(workdir: Path, monk
 
 
 def test_batchnorm_statistics_are_reestimated_unless_kept(workdir: Path) -> None:
-    """prune.batchnorm: reestimate (default) writes the pruned model's own BatchNorm statistics, measured on the
+    """prune.batchnorm: reestimate writes the pruned model's own BatchNorm statistics, measured on the
     calibration images; keep writes the dense ones; the pruned weights are the same either way."""
     effnet = workdir / "effnet"
     if not effnet.exists():
