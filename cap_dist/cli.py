@@ -247,9 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(BaseException):
+class Terminated(KeyboardInterrupt):
     """SIGTERM (``ray job stop``, a scheduler, ``kill``): unwinds like Ctrl-C, so every ``finally`` runs (actors
-    and placement groups removed, finished files kept). A BaseException: no ``except Exception`` swallows it."""
+    and placement groups removed, finished files kept). A KeyboardInterrupt, so no ``except Exception`` swallows it
+    and Ray's signal check inside ``ray.wait`` lets it through (any other exception raised there comes out as a
+    SystemError)."""
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
@@ -272,12 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.func(args)
-    except KeyboardInterrupt:                                 # Ctrl-C: one line, the shell's code for SIGINT
-        print(_stopped(args.command, "Ctrl-C"), file=sys.stderr)
-        return 130
     except Terminated:                                        # SIGTERM: one line, the shell's code for SIGTERM
         print(_stopped(args.command, "SIGTERM"), file=sys.stderr)
         return 143
+    except KeyboardInterrupt:                                 # Ctrl-C: one line, the shell's code for SIGINT
+        print(_stopped(args.command, "Ctrl-C"), file=sys.stderr)
+        return 130
     except (ValueError, ImportError, OSError) as exc:       # bad input: what was wrong and what to do
         if args.verbose:
             raise
