@@ -127,4 +127,5 @@ def write_finetuned(recipe: Recipe, output_uri: str, state: dict[str, torch.Tens
     out_recipe = recipe.model_copy(update={"output": output_uri})
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     return write_output(out_recipe, state, rows, dict(student_manifest["input"]), timings,
-                        extra={"finetune": info}, extra_files=digests)
+                        # Written by a Ray Train group, so the Ray engine's key, as every other output names its engine.
+                        extra={"engine": "ray", "finetune": info}, extra_files=digests)
