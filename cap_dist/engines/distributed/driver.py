@@ -190,15 +190,17 @@ def _wait_all(refs: list[Any], desc: str | None = None, unit: str = "call") -> l
 def _calibrate(actors: list[Any], batch_refs: list[Any]) -> None:
     """Dense calibration of the actors that still need batches (all of them at first; after a lost actor, its
     replacement). The survivors ahead of it pass the batches on without folding them again, with the dense
-    weights of any layer they have solved swapped back in for the stream."""
+    weights of any layer solved or read back swapped in for the stream."""
     n = len(batch_refs)
     route = _route(_wait_all([a.needs.remote(n) for a in actors]), n)
     if not route:
         return
-    ahead = actors[:max(route.values())]
-    _wait_all([a.dense_view.remote(True) for a in ahead])
+    # (the last actor too: a replacement has read back the layers its predecessor wrote, and the layers after
+    # them in its own blocks must see the dense ones, as in the first pass)
+    chain = actors[:max(route.values()) + 1]
+    _wait_all([a.dense_view.remote(True) for a in chain])
     _stream(actors, batch_refs, route, "forward", "calibration batches")
-    _wait_all([a.dense_view.remote(False) for a in ahead])
+    _wait_all([a.dense_view.remote(False) for a in chain])
 
 
 def _solve_independent(actors: list[Any], levels: dict[str, float]) -> None:
