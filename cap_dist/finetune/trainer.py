@@ -141,6 +141,7 @@ def finetune(recipe: Recipe, student_uri: str, output_uri: str, step_index: int 
 
     from cap_dist import storage
     from cap_dist.engines.distributed.driver import connect
+    from cap_dist.engines.distributed.resources import autoscaler
     from cap_dist.output import read_manifest
 
     if recipe.finetune is None:
@@ -150,7 +151,11 @@ def finetune(recipe: Recipe, student_uri: str, output_uri: str, step_index: int 
     storage.configure(recipe.storage)            # the recipe's S3 endpoint for the reads and writes below
     manifest = read_manifest(student_uri)
     connect(recipe)
-    check_resources(recipe, ray.cluster_resources())
+    scaler = autoscaler()
+    if scaler is None:                   # a fixed cluster: what it lacks now it will always lack
+        check_resources(recipe, ray.cluster_resources())
+    else:                                # a head with zero workers is the normal start on a cloud
+        log.info("finetune: %s adds the nodes Ray Train asks for (%d workers)", scaler, ft.workers)
     name = run_name(recipe, manifest, step_index)
     storage_root = _storage_root(recipe)
     loop_config = {"recipe": recipe.model_dump(mode="json"), "student": student_uri, "output": output_uri,

@@ -136,7 +136,7 @@ def prune_scenario(cluster: Any, shared: Path, work: Path, phase: str, replace: 
     logging.getLogger("cap_dist").addHandler(Capture(events))
     logging.getLogger("cap_dist").setLevel(logging.INFO)
     start = time.monotonic()
-    reference = prune(_prune_recipe(shared, work / "reference"))
+    reference = prune(_prune_recipe(shared, work / "reference")) if replace else None
     result["reference_seconds"] = time.monotonic() - start
     victim = 0 if phase == "calibrate" else 1
     out = work / "disturbed"
@@ -155,6 +155,7 @@ def prune_scenario(cluster: Any, shared: Path, work: Path, phase: str, replace: 
     result["logs"] = events.logs
     result["manifest"] = {k: disturbed.manifest[k] for k in ("actor_starts", "recoveries", "timings")}
     result["written_after"] = _written(out)
+    assert reference is not None
     expected, _ = load_sparse(str(reference.output))
     got, _ = load_sparse(str(out))
     ref_state = expected.state_dict()

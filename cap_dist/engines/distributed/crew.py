@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 # What a lost actor looks like to the driver: its calls fail, or an object it held (its node's store) is gone.
 ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError, ObjectLostError)
 LOG_EVERY_S = 30.0
+LOADING = "their slots are placed; the actors are loading their shards"
 FIRST_LOG_S = 5.0          # a wait that lasts longer than this is said at once
 
 
@@ -140,8 +141,10 @@ class Crew:
         return gone
 
     def wait_ready(self, indices: list[int], why: str) -> None:
-        """Until the actors ``indices`` have been placed and have loaded their shards; at most
-        ``distributed.schedule_timeout_s``, saying at once (and every 30 s) what is missing."""
+        """Until the actors ``indices`` have been placed and have loaded their shards; placement waits at most
+        ``distributed.schedule_timeout_s``, saying at once (and every 30 s) what is missing. (Loading a large
+        shard from an object store may take minutes: it is logged, not timed out; an actor that fails to load
+        raises its error here.)"""
         cfg = self.recipe.distributed
         pending = {self.actors[i].ready.remote(): i for i in indices}
         bundle = self.pg.bundle_specs[indices[0]]
@@ -150,22 +153,25 @@ class Crew:
         first = True
         while True:
             left = cfg.schedule_timeout_s - (time.monotonic() - start)
-            step = min(FIRST_LOG_S if first else LOG_EVERY_S, left)
+            step = FIRST_LOG_S if first else LOG_EVERY_S
             first = False
-            done, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=max(0.0, step))
+            done, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=min(step, left) if left > 0 else step)
             ray.get(done)                                   # an actor that died while loading: its error
             if not waiting:
                 return
             slots = [pending[r] for r in waiting]
             missing = self._missing(bundle, slots)
             waited = time.monotonic() - start
-            if waited >= cfg.schedule_timeout_s:
+            loading = missing.startswith(LOADING)
+            if waited >= cfg.schedule_timeout_s and not loading:   # (the timeout bounds placement, not loading)
                 raise ResourcesUnavailableError(
-                    f"{why}: the cluster did not place actor(s) {slots} of {{{bundle_text(bundle)}}} each in {waited:.0f} s "
-                    f"(distributed.schedule_timeout_s): {missing}. Add or replace nodes (layers written so far are "
-                    "kept: the same command resumes), or lower distributed.actors or the per-actor resources")
-            log.warning("%s: waiting %.0f s so far for actor(s) %s of {%s}: %s (gives up after %.0f s)", why, waited,
-                        slots, bundle_text(bundle), missing, cfg.schedule_timeout_s)
+                    f"{why}: the cluster did not place actor(s) {slots} of {{{bundle_text(bundle)}}} each in "
+                    f"{waited:.0f} s (distributed.schedule_timeout_s): {missing}. Add or replace nodes (layers "
+                    "written so far are kept: the same command resumes), or lower distributed.actors or the per-actor "
+                    "resources")
+            log.log(logging.INFO if loading else logging.WARNING, "%s: waiting %.0f s so far for actor(s) %s of "
+                    "{%s}: %s (gives up after %.0f s)", why, waited, slots, bundle_text(bundle), missing,
+                    cfg.schedule_timeout_s)
 
     def _missing(self, bundle: dict[str, float], slots: list[int]) -> str:
         """Why actors ``slots`` are not up yet: their bundles wait for room (what is missing), or they load."""
@@ -175,7 +181,7 @@ class Crew:
         placed = table.get("bundles_to_node_id", {})
         unplaced = [i for i in slots if not placed.get(i)]
         if not unplaced and table.get("state") == "CREATED":
-            return "their slots are placed; the actors are loading their shards"
+            return LOADING
         free = ray.available_resources()
         return (f"placement group {table.get('state', '?').lower()}, slot(s) {unplaced or slots} without a node; "
                 + ("; ".join(shortfall(bundle, len(unplaced or slots), free, "the cluster now"))

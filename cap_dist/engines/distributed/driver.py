@@ -129,8 +129,8 @@ def reserve(recipe: Recipe, n_actors: int, run_id: str) -> Any:
         if waited >= cfg.schedule_timeout_s:
             remove_placement_group(pg)
             raise ResourcesUnavailableError(
-                f"the cluster did not place {n_actors} actors of {{{bundle_text(bundle)}}} each ({cfg.placement or 'PACK'}) "
-                f"in {waited:.0f} s (distributed.schedule_timeout_s): {missing}. Add nodes, lower distributed.actors "
+                f"the cluster did not place {n_actors} actors of {{{bundle_text(bundle)}}} each "
+                f"({cfg.placement or 'PACK'}) in {waited:.0f} s (distributed.schedule_timeout_s): {missing}. Add nodes, lower distributed.actors "
                 "or the per-actor resources, or wait longer")
         log.warning("waiting %.0f s so far for %d actor slots of {%s}: %s (gives up after %.0f s)",
                     waited, n_actors, bundle_text(bundle), missing, cfg.schedule_timeout_s)
@@ -149,7 +149,7 @@ def _levels(recipe: Recipe, actors: list[Any]) -> dict[str, float]:
     return layer_levels(cfg, names, curves)
 
 
-def _route(needs: list[list[int]], n_batches: int) -> dict[int, int]:
+def stream_route(needs: list[list[int]], n_batches: int) -> dict[int, int]:
     """For each batch some actor still needs: the last actor it must reach (the chain stops there)."""
     last: dict[int, int] = {}
     for i, batches in enumerate(needs):
@@ -192,7 +192,7 @@ def _calibrate(actors: list[Any], batch_refs: list[Any]) -> None:
     replacement). The survivors ahead of it pass the batches on without folding them again, with the dense
     weights of any layer solved or read back swapped in for the stream."""
     n = len(batch_refs)
-    route = _route(_wait_all([a.needs.remote(n) for a in actors]), n)
+    route = stream_route(_wait_all([a.needs.remote(n) for a in actors]), n)
     if not route:
         return
     # (the last actor too: a replacement has read back the layers its predecessor wrote, and the layers after
@@ -236,7 +236,7 @@ def _reestimate_batchnorm(actors: list[Any], batch_refs: list[Any]) -> None:
     batch goes only as far as an actor that has not measured it, and an actor that has passes it on unchanged."""
     n = len(batch_refs)
     _wait_all([a.batchnorm_begin.remote() for a in actors])
-    route = _route(_wait_all([a.batchnorm_needs.remote(n) for a in actors]), n)
+    route = stream_route(_wait_all([a.batchnorm_needs.remote(n) for a in actors]), n)
     _stream(actors, batch_refs, route, "batchnorm_forward", "BatchNorm batches")
     _wait_all([a.batchnorm_end.remote() for a in actors])
 
