@@ -9,8 +9,9 @@ The head is started the way ``ray.cluster_utils.AutoscalingCluster`` starts one 
 provider is ``fake_multinode``, ``RAY_FAKE_CLUSTER=1``), but as a ``ray.cluster_utils.Cluster`` head in this
 process: AutoscalingCluster runs ``ray stop --force``, which would stop every Ray on the machine, and its base
 config is not shipped in the ray wheel. Scaled down for a 2-core machine: each worker type keeps its GPU count,
-with its CPUs and memory divided by ``SCALE`` and at most one node per type; the idle timeout is 0.1 min (6 s,
-aws.yaml: 5 min). The result JSON holds the seconds from submit to the first worker node, to the actors' start,
+with its CPUs divided by ``SCALE`` and at most one node per type; the idle timeout is 0.1 min (6 s, aws.yaml:
+5 min). The fake provider cannot set a node's memory (Ray refuses ``memory`` as a custom resource), so each fake
+node advertises this machine's. The result JSON holds the seconds from submit to the first worker node, to the actors' start,
 to the finished output, and to the release of the last worker node.
 """
 
@@ -41,7 +42,6 @@ def autoscaling_config(gcs_address: str) -> dict[str, Any]:
         "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0}}
     for name, shape in worker_types().items():
         types[name] = {"resources": {"CPU": max(1, int(shape["CPU"]) // SCALE), "GPU": int(shape["GPU"]),
-                                     "memory": int(shape["memory"] / SCALE),
                                      "object_store_memory": 200 * 2**20},
                        "node_config": {}, "min_workers": 0, "max_workers": 1}
     return {"cluster_name": "cap-dist-fake", "max_workers": len(types) - 1,
@@ -99,7 +99,7 @@ def main(result_path: Path, shared: Path) -> None:
     config = Path(temp_dir) / "autoscaling.json"
     config.write_text(json.dumps(autoscaling_config(f"127.0.0.1:{port}")))
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False, "port": port,
+        "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False, "gcs_server_port": port,
         "temp_dir": temp_dir, "autoscaling_config": str(config)})
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     result: dict[str, Any] = {"worker_types": autoscaling_config("")["available_node_types"], "logs": []}
