@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.cluster.simulated import worker_types
+from tests.cluster.simulated import keep_cluster_address_private, worker_types
 from tests.conftest import LOCAL_ONLY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,6 +95,7 @@ def main(result_path: Path, shared: Path) -> None:
     from cap_dist.engines import prune
     from cap_dist.engines.distributed import crew as crew_module
 
+    keep_cluster_address_private()
     port = _free_port()
     config = Path(temp_dir) / "autoscaling.json"
     config.write_text(json.dumps(autoscaling_config(f"127.0.0.1:{port}")))

@@ -25,6 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from tests.cluster.simulated import keep_cluster_address_private
 from tests.conftest import LOCAL_ONLY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -217,7 +218,10 @@ def main(result_path: Path, scenario: str, shared: Path) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={
+    keep_cluster_address_private()
+    # (shutdown_at_exit=False: no SIGTERM hook, so the watcher thread of a finetune can add a node; the finally
+    # below shuts the cluster down)
+    cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args={
         "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False,
         "temp_dir": tempfile.mkdtemp(prefix="rn", dir="/tmp")})
     for _ in range(2):

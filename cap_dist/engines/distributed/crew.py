@@ -65,7 +65,8 @@ class Crew:
     Attributes:
         actors: the live actor of each plan index.
         starts: how many actors were started in all (the plan's count, plus one per replacement).
-        recoveries: every recovery so far.
+        losses: how many times actors were lost (a replacement lost while loading counts again).
+        recoveries: every recovery that got its replacements up.
     """
 
     recipe: Any
@@ -76,6 +77,7 @@ class Crew:
     actors: list[Any] = field(default_factory=list)
     generation: list[int] = field(default_factory=list)
     starts: int = 0
+    losses: int = 0
     recoveries: list[Recovery] = field(default_factory=list)
 
     def start_all(self) -> None:
@@ -127,6 +129,7 @@ class Crew:
             ResourcesUnavailableError: a replacement found no room within ``distributed.schedule_timeout_s``.
         """
         start = time.monotonic()
+        self.losses += 1
         gone = self.lost()
         if not gone:
             raise err.cause
@@ -156,7 +159,10 @@ class Crew:
             step = FIRST_LOG_S if first else LOG_EVERY_S
             first = False
             done, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=min(step, left) if left > 0 else step)
-            ray.get(done)                                   # an actor that died while loading: its error
+            try:
+                ray.get(done)                               # an actor that died while loading: its error
+            except ACTOR_FAILURES as err:
+                raise ActorsLost(err, waiting) from err
             if not waiting:
                 return
             slots = [pending[r] for r in waiting]

@@ -280,8 +280,8 @@ def _run_phases(recipe: Recipe, crew: Crew, batch_refs: list[Any], run: dict[str
 def _recover(recipe: Recipe, crew: Crew, err: ActorsLost, run: dict[str, Any]) -> None:
     """Replace the lost actors and hand each replacement what the phases will not redo for it."""
     cfg = recipe.distributed
-    if len(crew.recoveries) + 1 >= cfg.max_attempts:
-        raise RuntimeError(f"actors died {len(crew.recoveries) + 1} times, the last while {run['phase']} "
+    if crew.losses + 1 >= cfg.max_attempts:
+        raise RuntimeError(f"actors died {crew.losses + 1} times, the last while {run['phase']} "
                            f"(distributed.max_attempts={cfg.max_attempts}): {err}") from None
     replaced = crew.replace(err, run["phase"])
     for i in replaced:
@@ -323,9 +323,13 @@ def prune_distributed(recipe: Recipe, source: ModelSource | None = None, write: 
     run: dict[str, Any] = {"levels": None, "outputs": {}, "timings": {}, "phase": "starting"}
     try:
         crew.start_all()
+        lost: ActorsLost | None = None
         while True:
-            actors = crew.actors
             try:
+                if lost is not None:
+                    _recover(recipe, crew, lost, run)      # (a replacement lost while loading: recovered again)
+                    lost = None
+                actors = crew.actors
                 _run_phases(recipe, crew, batch_refs, run)
                 result = {"levels": run["levels"], "timings": run["timings"]}
                 # Gathering is part of the run: an actor lost now is replaced like one lost while solving.
@@ -343,9 +347,9 @@ def prune_distributed(recipe: Recipe, source: ModelSource | None = None, write: 
                 stats = ray.get([a.stats.remote() for a in actors])       # after gathering: its memory counts
                 break
             except ActorsLost as err:
-                _recover(recipe, crew, err, run)
+                lost = err
             except ACTOR_FAILURES as err:
-                _recover(recipe, crew, ActorsLost(err, []), run)
+                lost = ActorsLost(err, [])
     finally:
         # However the run ends (done, failed, Ctrl-C, SIGTERM): no actor and no reservation outlives it; the
         # layer files written so far stay, so a rerun resumes.
