@@ -175,14 +175,20 @@ def finetune_scenario(cluster: Any, shared: Path, work: Path) -> dict[str, Any]:
     events = Events()
     pruned = work / "pruned"
     student = prune(_prune_recipe(shared, pruned, engine="local"))
-    storage = work / "train"
-    recipe = load_recipe(str(ROOT / "jobs" / "vit4mnist.yaml"), [
-        f"model.source={shared}/models/vit4mnist", f"calibration.uri={shared}/data/mnist", "device=cpu",
-        f"evaluation.uri={shared}/data/mnist", "evaluation.subset=[512,576]", "evaluation.batch_size=64",
-        f"output={work / 'finetuned'}",
-        f'finetune={{"data": {{"uri": "{shared}/data/mnist", "subset": [0, 512], "batch_size": 32}}, '
-        f'"epochs": 4, "lr": 0.0003, "workers": 2, "max_failures": 3, "checkpoint_every": 1, '
-        f'"evaluation_every": 0, "storage_path": "{storage}"}}'])
+    def recipe_for(name: str) -> Any:
+        return load_recipe(str(ROOT / "jobs" / "vit4mnist.yaml"), [
+            f"model.source={shared}/models/vit4mnist", f"calibration.uri={shared}/data/mnist", "device=cpu",
+            f"evaluation.uri={shared}/data/mnist", "evaluation.subset=[512,576]", "evaluation.batch_size=64",
+            f"output={work / name}",
+            f'finetune={{"data": {{"uri": "{shared}/data/mnist", "subset": [0, 512], "batch_size": 32}}, '
+            f'"epochs": 4, "lr": 0.0003, "workers": 2, "max_failures": 3, "checkpoint_every": 1, '
+            f'"evaluation_every": 0, "storage_path": "{work / name / "train"}"}}'])
+
+    start = time.monotonic()
+    finetune(recipe_for("reference"), str(pruned), str(work / "reference-finetuned"), sparsity=0.5)
+    reference_seconds = time.monotonic() - start
+    storage = work / "finetuned" / "train"
+    recipe = recipe_for("finetuned")
 
     def watch() -> None:
         deadline = time.monotonic() + 300
@@ -203,9 +209,13 @@ def finetune_scenario(cluster: Any, shared: Path, work: Path) -> dict[str, Any]:
     thread.join(timeout=10)
     before, manifest = load_sparse(str(pruned))
     after, _ = load_sparse(str(work / "finetuned"))
+    reference, _ = load_sparse(str(work / "reference-finetuned"))
+    max_difference = max(float((a - b).abs().max()) for a, b in zip(after.state_dict().values(),
+                                                                      reference.state_dict().values()))
     masks_kept = all(bool(((after.get_parameter(f"{r['layer']}.weight") == 0) ==
                            (before.get_parameter(f"{r['layer']}.weight") == 0)).all()) for r in manifest["layers"])
-    return {"seconds": seconds, "summary": {k: v for k, v in summary.items() if k != "metrics"},
+    return {"seconds": seconds, "reference_seconds": reference_seconds, "max_difference": max_difference,
+            "summary": {k: v for k, v in summary.items() if k != "metrics"},
             "events": [dict(r, t=r["t"] - start) for r in events.rows], "masks_kept": masks_kept,
             "layers": len(manifest["layers"]), "student_sparsity": student.sparsity}
 

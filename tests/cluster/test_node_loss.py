@@ -76,7 +76,8 @@ def test_node_lost_while_finetuning_resumes_from_the_last_checkpoint(shared_dir:
     out = _run("finetune", shared_dir, tmp_path, 580)
     assert [e["what"] for e in out["events"]][:2] == ["first checkpoint seen", "node removed"]
     summary = out["summary"]
-    assert summary["attempts"] >= 2 and summary["resumed_from_step"] is not None
-    assert summary["resumed_from_step"] >= 16                              # epoch 1's checkpoint (512 / 32)
-    assert summary["steps"] == 4 * 16 and summary["epochs"] == 4
+    assert summary["attempts"] == 2
+    assert summary["resumed_from_step"] >= 8                  # a checkpoint, not the start (8 steps an epoch)
+    assert summary["steps"] == 4 * 8 and summary["epochs"] == 4
     assert out["masks_kept"] and out["layers"] == 24
+    assert out["max_difference"] < 1e-5                       # the weights of the run never disturbed

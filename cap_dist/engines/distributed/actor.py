@@ -166,8 +166,8 @@ class PruneActor:
         pass. The dense weights are read again from the model source (ranged reads), only for the solved
         layers, and dropped when the stream ends."""
         with torch.no_grad():
-            if on and not self._solved_weights:
-                solved = [n for n in self.records if n in self.layers]
+            solved = [n for n in self.records if n in self.layers]
+            if on and solved and not self._solved_weights:          # (nothing solved: nothing to read)
                 dense = read_source_tensors(self.source, [f"{n}.weight" for n in solved])
                 for name in solved:
                     weight = self.layers[name].weight
