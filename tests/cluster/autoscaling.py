@@ -11,8 +11,8 @@ process: AutoscalingCluster runs ``ray stop --force``, which would stop every Ra
 config is not shipped in the ray wheel. Scaled down for a 2-core machine: each worker type keeps its GPU count,
 with its CPUs divided by ``SCALE`` and at most one node per type; the idle timeout is 0.1 min (6 s, aws.yaml:
 5 min). The fake provider cannot set a node's memory (Ray refuses ``memory`` as a custom resource), so each fake
-node advertises this machine's. The result JSON holds the seconds from submit to the first worker node, to the actors' start,
-to the finished output, and to the release of the last worker node.
+node advertises this machine's. The result JSON holds the seconds from submit to the first worker node, to the
+actors' start, to the finished output, and to the release of the last worker node.
 """
 
 from __future__ import annotations

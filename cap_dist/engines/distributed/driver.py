@@ -130,8 +130,8 @@ def reserve(recipe: Recipe, n_actors: int, run_id: str) -> Any:
             remove_placement_group(pg)
             raise ResourcesUnavailableError(
                 f"the cluster did not place {n_actors} actors of {{{bundle_text(bundle)}}} each "
-                f"({cfg.placement or 'PACK'}) in {waited:.0f} s (distributed.schedule_timeout_s): {missing}. Add nodes, lower distributed.actors "
-                "or the per-actor resources, or wait longer")
+                f"({cfg.placement or 'PACK'}) in {waited:.0f} s (distributed.schedule_timeout_s): {missing}. Add "
+                "nodes, lower distributed.actors or the per-actor resources, or wait longer")
         log.warning("waiting %.0f s so far for %d actor slots of {%s}: %s (gives up after %.0f s)",
                     waited, n_actors, bundle_text(bundle), missing, cfg.schedule_timeout_s)
 
