@@ -151,7 +151,13 @@ def finetune(recipe: Recipe, student_uri: str, output_uri: str, step_index: int 
     connect(recipe)                              # before Ray is imported: a local Ray of ours stays on 127.0.0.1
     import ray
 
-    check_resources(recipe, ray.cluster_resources())
+    from cap_dist.engines.distributed.resources import autoscaler
+
+    scaler = autoscaler()
+    if scaler is None:                   # a fixed cluster: what it lacks now it will always lack
+        check_resources(recipe, ray.cluster_resources())
+    else:                                # a head with zero workers is the normal start on a cloud
+        log.info("finetune: %s adds the nodes Ray Train asks for (%d workers)", scaler, ft.workers)
     name = run_name(recipe, manifest, step_index)
     storage_root = _storage_root(recipe)
     loop_config = {"recipe": recipe.model_dump(mode="json"), "student": student_uri, "output": output_uri,

@@ -173,7 +173,7 @@ def test_rerun_resumes_without_solving_again(ray_cluster, assets: Path) -> None:
     ({"actors": 0}, "need at least 1 actor"),
     ({"actors": 4}, "only 3 blocks"),
     ({"actors": 2, "num_cpus": 3}, "the Ray cluster has 4"),
-    ({"actors": 1, "num_gpus": 1}, "GPUs"),
+    ({"actors": 1, "num_gpus": 1}, "GPU = 1 GPU, but the Ray cluster has 0"),
 ])
 def test_impossible_plans_fail_fast(ray_cluster, assets: Path, distributed: dict, message: str) -> None:
     recipe = recipe_from_dict(dict(tree(assets, "vit", "bad"), distributed=distributed))
