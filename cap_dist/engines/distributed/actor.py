@@ -47,7 +47,7 @@ def _owned(key: str, member_prefixes: list[str], block_prefixes: list[str], owns
 def load_shard(source: ModelSource, stage_names: list[str]) -> nn.Module:
     """The model with only the parameters and buffers of ``stage_names`` materialised (the rest on meta)."""
     from cap_dist.models.families import split_blocks
-    from cap_dist.storage import load_tensor_subset
+    from cap_dist.shards import load_weight_subset
 
     model = source.meta_skeleton()
     parts = split_blocks(model)
@@ -65,7 +65,7 @@ def load_shard(source: ModelSource, stage_names: list[str]) -> nn.Module:
         tensors = {k: everything[k] for k in keys}
         del everything
     else:
-        tensors = load_tensor_subset(source.ranged_weights, keys)
+        tensors = load_weight_subset(source.ranged_weights, keys)
     for key, tensor in tensors.items():
         module_name, _, attr = key.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
@@ -235,17 +235,30 @@ class PruneActor:
     # -- results -------------------------------------------------------------------------------------
 
     def release(self) -> None:
-        """Drop the calibration statistics once every layer is solved (reassembly needs the memory)."""
+        """Drop the calibration statistics once every layer is solved (writing the shard needs the memory)."""
         self.accs = None
         import gc
 
         gc.collect()
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """This shard's materialised parameters and buffers (pruned), for reassembly."""
-        with self.memory.stage("gather"):
-            return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()
-                    if v.device.type != "meta"}
+    def tensor_names(self) -> list[str]:
+        """Names of the parameters and buffers this shard holds (the others are meta placeholders)."""
+        return [k for k, v in self.model.state_dict().items() if v.device.type != "meta"]
+
+    def write_shard(self, keys: list[str], name: str) -> dict[str, Any]:
+        """Write ``keys`` of this shard's final state (pruned layers, the rest of its blocks, whatever of the
+        prefix/suffix and re-estimated BatchNorm statistics the driver assigns it) straight into the output as
+        the safetensors shard ``name``, atomically; returns the file's name, sha256, size and keys for the
+        index and the manifest. Nothing of the model goes back to the driver."""
+        from cap_dist.models.source import state_dict_for_save
+        from cap_dist.shards import write_safetensors
+
+        with self.memory.stage("output"):
+            tensors = state_dict_for_save(self.model, keys)
+            written = write_safetensors(f"{self.recipe.output.rstrip('/')}/{name}", tensors)
+            del tensors
+            trim_heap()
+        return dataclasses.asdict(written)
 
     def stats(self) -> dict[str, Any]:
         return {"index": self.index, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": self.memory.baseline_mb,
