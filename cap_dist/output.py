@@ -24,8 +24,8 @@ from torch import nn
 
 from cap_dist.config import Recipe, recipe_from_dict
 from cap_dist.models.source import ModelSource
-from cap_dist.shards import INDEX, SINGLE, CorruptOutputError, WrittenFile, index_bytes, load_weights, \
-    write_safetensors
+from cap_dist.shards import (INDEX, SINGLE, CorruptOutputError, WeightFiles, WrittenFile, index_bytes,
+                             load_weight_subset, load_weights, open_weights, write_safetensors)
 from cap_dist.storage import atomic_write_bytes, read_bytes
 from cap_dist.version import __version__
 
@@ -35,8 +35,8 @@ REPORT = "report.parquet"
 MODEL_JSON = "model.json"
 
 __all__ = ["CorruptOutputError", "INDEX", "MANIFEST", "MODEL_JSON", "REPORT", "WEIGHTS", "load_output_weights",
-           "load_sparse", "prepare_output", "read_manifest", "read_report", "read_verified", "weights_of",
-           "write_output"]
+           "check_output_sizes", "load_output_subset", "load_sparse", "prepare_output", "read_manifest", "read_report", "read_verified",
+           "weights_digest", "weights_of", "write_output"]
 
 
 class OutputTargetError(ValueError):
@@ -250,6 +250,46 @@ def load_output_weights(uri: str, manifest: dict[str, Any]) -> dict[str, torch.T
     if location.endswith(INDEX):
         read_verified(uri, INDEX, manifest)           # the index itself: a tampered weight_map is caught here
     return load_weights(location, manifest.get("files"), manifest.get("sizes"))
+
+
+def load_output_subset(uri: str, manifest: dict[str, Any], keys: list[str]) -> dict[str, torch.Tensor]:
+    """Only ``keys`` of an output's weights, by ranged reads of the files that hold them. A whole-file checksum
+    would cost a whole read, so each file's size is checked against the manifest instead (a truncated or
+    replaced shard is an error naming it); :func:`load_output_weights` checks the sha256."""
+    files = check_output_sizes(uri, manifest, keys)
+    return load_weight_subset(files.uri, keys)
+
+
+def check_output_sizes(uri: str, manifest: dict[str, Any], keys: list[str] | None = None) -> WeightFiles:
+    """Check that each weights file holding ``keys`` (default: all) exists with the size the manifest records
+    (one metadata request per file: what ranged readers can afford); returns the weights' layout."""
+    import fsspec
+
+    from cap_dist.storage import storage_errors
+
+    files = open_weights(weights_of(uri, manifest))
+    sizes = manifest.get("sizes", {})
+    for name in files.keys_by_file(keys):
+        target = files.file_uri(name)
+        with storage_errors(target):
+            fs, path = fsspec.core.url_to_fs(target)
+            if not fs.exists(path):
+                raise CorruptOutputError(f"{target} is missing but listed in {files.uri}")
+            size = fs.size(path)
+        if name in sizes and size != sizes[name]:
+            raise CorruptOutputError(f"{target} is corrupt: {size:,} bytes where {sizes[name]:,} were written "
+                                     "(truncated or replaced); copy it again or rerun the job")
+    return files
+
+
+def weights_digest(manifest: dict[str, Any]) -> str | None:
+    """One sha256 standing for an output's weights: the single file's, or for shards the sha256 of their names
+    and digests (what a finetune run's name and record cite as its student)."""
+    files = manifest.get("files", {})
+    if manifest.get("weights", WEIGHTS) == WEIGHTS:
+        return files.get(WEIGHTS)
+    shards = sorted((name, digest) for name, digest in files.items() if name.startswith("model-"))
+    return _sha256(json.dumps(shards).encode()) if shards else None
 
 
 def load_sparse(uri: str) -> tuple[nn.Module, dict[str, Any]]:

@@ -261,12 +261,15 @@ def _check_shard_keys(files: WeightFiles, name: str, keys: list[str], found: Ite
                                  f"but not listed {extra[:3]}")
 
 
-def load_weight_subset(uri: str, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Only ``keys`` of a weights location, with ranged reads of the files that hold them (no whole-file fetch)."""
+def load_weight_subset(uri: str, keys: Iterable[str],
+                       rows: Mapping[str, tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+    """Only ``keys`` of a weights location, with ranged reads of the files that hold them (no whole-file fetch);
+    ``rows``: ``{key: (start, stop)}`` reads only those rows (dim 0) of a tensor."""
     files = open_weights(uri)
     out: dict[str, torch.Tensor] = {}
     for name, names in files.keys_by_file(keys).items():
-        out.update(load_tensor_subset(files.file_uri(name), names))
+        out.update(load_tensor_subset(files.file_uri(name), names, {k: v for k, v in (rows or {}).items()
+                                                                    if k in names}))
     return out
 
 
