@@ -386,7 +386,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     from cap_dist import storage
     from cap_dist.config import recipe_from_dict
+    from cap_dist.engines.distributed.memory import StageMemory
 
+    memory = StageMemory()                          # baseline: the runtime (torch, Ray Train) before any model
     _enter_driver_directory(config.get("cwd"))
     recipe = recipe_from_dict(config["recipe"], "the finetune loop's config")
     if recipe.finetune is None:
@@ -395,17 +397,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.finetune.seed)
-    run = setup_run(recipe, config["student"], _worker(), config.get("load", "sharded"))
-    state = resume(run, config["run_name"])
+    with memory.stage("load"):
+        run = setup_run(recipe, config["student"], _worker(), config.get("load", "sharded"))
+        state = resume(run, config["run_name"])
     for epoch in range(state.epoch, run.last_epoch):
-        row = run_epoch(run, state, epoch, config.get("inject_failure"))
+        with memory.stage("train"):
+            row = run_epoch(run, state, epoch, config.get("inject_failure"))
         state.history.append(row)
         metrics = {**row, "step_index": config["step_index"]}
         if state.epoch == run.last_epoch or state.epoch % recipe.finetune.checkpoint_every == 0:
             save_checkpoint(run.student, run.optimizer, run.scheduler, state, metrics, run.worker.rank)
         else:
             ray.train.report(metrics)
-    return _finish(run, state, config)
+    with memory.stage("write"):
+        return _finish(run, state, config, memory)
 
 
 def _enter_driver_directory(cwd: str | None) -> None:
@@ -422,13 +427,14 @@ def _latest_checkpoint() -> Any:
     return ray.train.get_checkpoint()
 
 
-def _finish(run: Run, state: TrainState, config: dict[str, Any]) -> dict[str, Any] | None:
+def _finish(run: Run, state: TrainState, config: dict[str, Any], memory: Any) -> dict[str, Any] | None:
     """Check the masks on every rank's rows, then every rank writes its share of the weights as one shard
     (:func:`cap_dist.finetune.sharded_io.write_rank_shard`: no rank gathers the model) and rank 0 writes the
     index, report and manifest. The output must be storage every worker reaches (S3, a shared file system)."""
     from cap_dist.finetune.masks import MaskViolationError
     from cap_dist.finetune.results import write_finetuned
     from cap_dist.finetune.sharded_io import write_rank_shard
+    from cap_dist.engines.distributed.memory import peak_rss_mb
     from cap_dist.output import weights_digest
 
     worker = run.worker
@@ -446,13 +452,16 @@ def _finish(run: Run, state: TrainState, config: dict[str, Any]) -> dict[str, An
     shard = write_rank_shard(run.student, config["output"], worker.rank, worker.world)
     shards: list[Any] = [None] * worker.world
     dist.all_gather_object(shards, shard)
+    peaks: list[Any] = [None] * worker.world            # each worker's memory, to size workers by (manifest)
+    dist.all_gather_object(peaks, {"rank": worker.rank, "peak_rss_mb": peak_rss_mb(),
+                                   "baseline_rss_mb": memory.baseline_mb, "stage_peak_rss_mb": dict(memory.peaks)})
     if worker.rank != 0:
         return None
     info = {"student": config["student"], "student_sha256": weights_digest(run.manifest),
             "run_name": config["run_name"], "storage_path": config.get("storage_path"),
             "step_index": config["step_index"], "target_sparsity": config.get("sparsity"),
             "steps": state.step, "epochs": state.epoch, "attempts": state.attempt + 1,
-            "resumed_from_step": state.resumed_from_step, "workers": worker.world,
+            "resumed_from_step": state.resumed_from_step, "workers": worker.world, "memory": peaks,
             "final": state.history[-1] if state.history else {}}
     out = write_finetuned(run.recipe, config["output"], [s for s in shards if s is not None], zeros, run.manifest,
                           state.history, info)
