@@ -2,7 +2,7 @@
 state to write one file; now actors write shards) and each finetune worker (it loaded the full student and
 teacher before sharding; now each reads its FSDP2 rows).
 
-    nice python bench/output_memory.py driver                 # ViT-g/14 shape, 2 actors, magnitude, 4 images
+    nice python bench/output_memory.py driver                 # ViT-g/14 shape, 2 actors, magnitude, 1 image
     nice python bench/output_memory.py finetune               # ViT-L/14 shape, 1 vs 2 workers (+ rank-0 broadcast)
 
 Weights are random and written tensor by tensor (no process of this script holds the dense model either); the
@@ -107,8 +107,7 @@ def measure_driver(work: Path, images: int, actors: int) -> dict:
 
     recipe = recipe_from_dict({
         "model": {"source": model_dir}, "calibration": {"uri": data, "samples": images, "batch_size": images},
-        "prune": {"method": "magnitude", "sparsity": 0.5, "mode": "sequential", "true_sequential": False,
-                  "float64_hessians": False},
+        "prune": {"method": "magnitude", "sparsity": 0.5, "mode": "independent", "float64_hessians": False},
         "output": str(work / "out"), "device": "cpu", "distributed": {"actors": actors, "num_cpus": 1}})
     baseline = current_rss_mb()
     sampler = PeakSampler()
@@ -177,7 +176,7 @@ def measure_finetune(work: Path, runs: list[tuple[int, str]]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["driver", "finetune"])
-    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--images", type=int, default=1)
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
