@@ -142,10 +142,8 @@ def finetune(recipe: Recipe, student_uri: str, output_uri: str, step_index: int 
     Raises:
         FinetuneError: no finetune section, the cluster is too small, or the run failed after its restarts.
     """
-    import ray
-
     from cap_dist import storage
-    from cap_dist.engines.distributed.driver import connect
+    from cap_dist.engines.distributed.local_ray import connect
     from cap_dist.output import read_manifest
 
     if recipe.finetune is None:
@@ -156,7 +154,9 @@ def finetune(recipe: Recipe, student_uri: str, output_uri: str, step_index: int 
     student_uri, output_uri = _absolute(student_uri), _absolute(output_uri)
     storage.configure(recipe.storage)            # the recipe's S3 endpoint for the reads and writes below
     manifest = read_manifest(student_uri)
-    connect(recipe)
+    connect(recipe)                              # before Ray is imported: a local Ray of ours stays on 127.0.0.1
+    import ray
+
     check_resources(recipe, ray.cluster_resources())
     name = run_name(recipe, manifest, step_index)
     storage_root = _storage_root(recipe)

@@ -16,7 +16,6 @@ times fails the job, naming the layer.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from typing import Any
@@ -30,6 +29,7 @@ from cap_dist.config import Recipe
 from cap_dist.core import (LayerRecord, PruneResult, check_layers_fit, curve_depth, estimated_solve_flops,
                            layer_levels, layer_table, model_stages, needs_loss_curves, select_layers)
 from cap_dist.engines.distributed.actor import PruneActor
+from cap_dist.engines.distributed.local_ray import connect
 from cap_dist.engines.distributed.plan import (ActorPlan, StageCost, plan_actors, plan_json, plan_table,
                                                shard_owners)
 from cap_dist.models.capture import layer_columns
@@ -65,28 +65,6 @@ def stage_costs(recipe: Recipe, skeleton: torch.nn.Module) -> tuple[list[StageCo
         flops = sum(estimated_solve_flops(m, recipe.prune) for m in stage.layers.values())
         costs.append(StageCost(stage.name, weight_bytes, hess, float(flops)))
     return costs, len(parts.blocks)
-
-
-def connect(recipe: Recipe) -> None:
-    """Join the Ray cluster the recipe names (distributed.address, else RAY_ADDRESS), or start a local one; a
-    process already connected (a `ray job submit` driver, a test) stays on its cluster."""
-    if ray.is_initialized():
-        return
-    import signal
-    import threading
-
-    address = recipe.distributed.address or os.environ.get("RAY_ADDRESS")
-    on_sigterm = signal.getsignal(signal.SIGTERM)
-    if address:
-        ray.init(address=address)
-    else:
-        # A Ray of our own lives on this machine alone: loopback address, and every CPU said explicitly (so an
-        # actor that asks for more than exists fails at once instead of waiting).
-        ray.init(include_dashboard=False, num_cpus=os.cpu_count() or 1, _node_ip_address="127.0.0.1")
-    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
-        # Ray's core worker installs a crash handler for SIGTERM that aborts the process (exit -6, a stack dump);
-        # put back the caller's (the CLI's), so SIGTERM unwinds and the run cleans up after itself.
-        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _check_resources(recipe: Recipe) -> None:
