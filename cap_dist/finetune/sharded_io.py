@@ -75,22 +75,39 @@ def load_local_shards(model: nn.Module, weights_uri: str | None, full: Mapping[s
             rows[name] = (start, stop)
         targets[name] = local
     targets.update(buffers)
-    keys = list(targets)
-    if full is None:
-        if weights_uri is None:
-            raise ValueError("no weights file to read the shards from, and no state given")
-        tensors = load_weight_subset(weights_uri, keys, rows)
-    else:
-        tensors = {k: (full[k][slice(*rows[k])] if k in rows else full[k]) for k in keys}
+    if full is None and weights_uri is None:
+        raise ValueError("no weights file to read the shards from, and no state given")
     read = 0
-    for key, target in targets.items():
-        value = tensors.pop(key)
-        if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"{weights_uri}: tensor {key} has shape {tuple(value.shape)} here, the model's shard "
-                             f"{tuple(target.shape)}; the weights do not belong to this model")
-        target.copy_(value)
-        read += value.numel() * value.element_size()
+    for keys in _batches(targets, READ_BATCH_BYTES):      # read a batch, copy it in, let it go: no second model
+        if full is None:
+            tensors = load_weight_subset(weights_uri, keys, {k: rows[k] for k in keys if k in rows})
+        else:
+            tensors = {k: (full[k][slice(*rows[k])] if k in rows else full[k]) for k in keys}
+        for key in keys:
+            value, target = tensors.pop(key), targets[key]
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"{weights_uri}: tensor {key} has shape {tuple(value.shape)} here, the model's "
+                                 f"shard {tuple(target.shape)}; the weights do not belong to this model")
+            target.copy_(value)
+            read += value.numel() * value.element_size()
     return read
+
+
+READ_BATCH_BYTES = 256 << 20
+"""How much of a rank's shard is read before it is copied into place (bounds the read buffers, not the calls)."""
+
+
+def _batches(targets: Mapping[str, torch.Tensor], limit: int) -> list[list[str]]:
+    batches: list[list[str]] = [[]]
+    size = 0
+    for key, target in targets.items():
+        nbytes = target.numel() * target.element_size()
+        if batches[-1] and size + nbytes > limit:
+            batches.append([])
+            size = 0
+        batches[-1].append(key)
+        size += nbytes
+    return batches
 
 
 def build_sharded(build: Any, shard: Any, device: torch.device, weights_uri: str | None,
