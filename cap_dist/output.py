@@ -249,7 +249,10 @@ def load_output_weights(uri: str, manifest: dict[str, Any]) -> dict[str, torch.T
     location = weights_of(uri, manifest)
     if location.endswith(INDEX):
         read_verified(uri, INDEX, manifest)           # the index itself: a tampered weight_map is caught here
-    return load_weights(location, manifest.get("files"), manifest.get("sizes"))
+    try:
+        return load_weights(location, manifest.get("files"), manifest.get("sizes"))
+    except FileNotFoundError:
+        raise CorruptOutputError(f"{location} is missing but listed in {MANIFEST}") from None
 
 
 def load_output_subset(uri: str, manifest: dict[str, Any], keys: list[str]) -> dict[str, torch.Tensor]:

@@ -202,3 +202,12 @@ def test_shard_ownership_and_row_ranges_are_pure_rules() -> None:
     assert owned == [["a", "b"], ["c", "d"]]
     assert [k for part in assign_tensors([(str(i), i + 1) for i in range(9)], 3) for k in part] == \
         [str(i) for i in range(9)]
+
+
+def test_a_missing_single_file_is_named(outputs: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(outputs / "single", tmp_path / "out")
+    (tmp_path / "out" / "model.safetensors").unlink()
+    with pytest.raises(CorruptOutputError, match="model.safetensors is missing"):
+        load_sparse(str(tmp_path / "out"))
