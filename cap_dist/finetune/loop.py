@@ -10,7 +10,9 @@ CPU, NCCL on GPU). The order of one optimizer step:
 Launched by :func:`cap_dist.finetune.trainer.finetune`; the loop's ``config`` is a plain dict (it crosses to
 the workers): ``recipe`` (the recipe as JSON), ``student`` (pruning output URI), ``output`` (where rank 0
 writes the finetuned model), ``step_index``, ``sparsity``, ``run_name``, ``storage_path``, ``cwd`` (the driver's
-directory, against which a recipe's relative paths resolve) and, for tests, ``inject_failure``.
+directory, against which a recipe's relative paths resolve), ``load`` (``sharded``: each rank reads its own rows;
+``rank0``: rank 0 reads all and broadcasts) and, for tests, ``inject_failure``. No worker holds the whole model:
+see :mod:`cap_dist.finetune.sharded_io`.
 """
 
 from __future__ import annotations
