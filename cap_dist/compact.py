@@ -437,16 +437,21 @@ def compact_from_output(output_uri: str) -> dict[str, Any]:
         ``{"path", "paths", "dense_bytes", "compact_bytes", "ratio", "layers", "quantized_layers"}`` (``path``:
         the single compact file, or a pattern naming the shards' ones).
     """
-    from cap_dist.output import read_manifest, read_verified, weights_of
+    from cap_dist.output import INDEX, read_manifest, read_verified, weights_of
     from cap_dist.shards import open_weights
 
     manifest = read_manifest(output_uri)
     root = output_uri.rstrip("/")
     rows = manifest.get("layers", [])
-    files = open_weights(weights_of(root, manifest))
+    location = weights_of(root, manifest)
+    if location.endswith(INDEX):
+        read_verified(root, INDEX, manifest)                  # checked before it says which shards to read
+        names = open_weights(location).names
+    else:
+        names = [location.rpartition("/")[2]]                 # checked below, with its bytes
     totals = {"dense_bytes": 0, "compact_bytes": 0, "layers": 0, "quantized_layers": 0}
     paths = []
-    for name in files.names:
+    for name in names:
         dense = read_verified(root, name, manifest)
         state = safetensors_load(dense)
         here = [row for row in rows if f"{row['layer']}.weight" in state]
