@@ -28,7 +28,6 @@ import json
 import math
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cap_dist.engines.distributed.local_ray import local_ray_session
+from cap_dist.interruptible import call_in_thread
 
 if TYPE_CHECKING:
     from cap_dist.config import Recipe
@@ -137,31 +137,11 @@ def _cpus_per_process() -> int:
 
 
 def run_beside(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn(*args, **kwargs)`` in a helper thread while this thread shows the elapsed time; returns its result or
-    raises its error.
-
-    Why a thread: Ray Train V2's ``fit()``, called from the main thread, replaces the process's SIGINT handler
-    (for good) with one that asks its controller to abort and then calls ``sys.exit`` — Ctrl-C would end the demo
-    silently with status 1. From another thread it registers nothing, so Ctrl-C stays a ``KeyboardInterrupt``
-    here, and the demo's Ray shutdown ends the run and its workers.
-    """
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = fn(*args, **kwargs)
-        except BaseException as err:  # handed to the main thread as it is
-            outcome["error"] = err
-
-    worker = threading.Thread(target=target, name=f"cap-dist-demo {what}", daemon=True)
-    worker.start()
+    """``fn(*args, **kwargs)`` in a helper thread (:func:`cap_dist.interruptible.call_in_thread`: Ray Train's
+    ``fit()`` would otherwise take Ctrl-C for itself) while this thread shows the elapsed time; returns its result
+    or raises its error."""
     with tqdm(desc=what, bar_format="{desc}: {elapsed} elapsed", leave=False) as bar:
-        while worker.is_alive():
-            worker.join(timeout=1.0)              # short waits: Ctrl-C reaches this thread between them
-            bar.refresh()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+        return call_in_thread(f"cap-dist-demo {what}", fn, *args, tick=bar.refresh, **kwargs)
 
 
 def close_progress_bars() -> None:

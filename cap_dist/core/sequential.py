@@ -32,7 +32,8 @@ def solve_stage(stage: Stage, hidden: list[torch.Tensor], cfg: "PruneConfig", le
     pending = dict(stage.layers)
     while pending:
         start = time.perf_counter()
-        accs = collect_hessians(lambda: [stage.run(h) for h in hidden], pending, cfg.float64_hessians)
+        accs = collect_hessians(lambda: [stage.run(h) for h in hidden], pending, cfg.float64_hessians,
+                                float32_products=cfg.hessian_products == "float32")
         timings["calibrate"] += time.perf_counter() - start
         batch = list(pending)[:1] if cfg.true_sequential else list(pending)
         start = time.perf_counter()

@@ -125,4 +125,5 @@ def write_finetuned(recipe: Recipe, output_uri: str, shards: Sequence[WrittenFil
     timings = {"train": float(sum(row.get("seconds") or 0.0 for row in history))}
     out_recipe = recipe.model_copy(update={"output": output_uri})
     return write_output(out_recipe, None, rows, dict(student_manifest["input"]), timings,
-                        extra={"finetune": info}, extra_files=digests, shards=list(shards))
+                        # Written by a Ray Train group, so the Ray engine's key, as every other output names its engine.
+                        extra={"engine": "ray", "finetune": info}, extra_files=digests, shards=list(shards))

@@ -144,6 +144,7 @@ def finetune(recipe: Recipe, student_uri: str, output_uri: str, step_index: int 
     """
     from cap_dist import storage
     from cap_dist.engines.distributed.local_ray import connect
+    from cap_dist.interruptible import call_in_thread
     from cap_dist.output import read_manifest
 
     if recipe.finetune is None:
@@ -168,7 +169,9 @@ def finetune(recipe: Recipe, student_uri: str, output_uri: str, step_index: int 
              storage_root, name)
     trainer = build_trainer(recipe, loop_config, name, storage_root)
     try:
-        result = trainer.fit()
+        # In a helper thread: from the main thread fit() takes SIGINT for good, and Ctrl-C would end the run
+        # silently (see cap_dist/interruptible.py).
+        result = call_in_thread(f"cap-dist finetune {name}", trainer.fit)
     except Exception as err:  # TrainingFailedError (V2), or a controller error
         raise FinetuneError(f"finetune run {name} failed (after up to finetune.max_failures={ft.max_failures} "
                             f"restarts; checkpoints in {storage_root}/{name}): {type(err).__name__}: {err}") from err

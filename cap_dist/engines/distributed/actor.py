@@ -117,7 +117,8 @@ class PruneActor:
         out: list[torch.Tensor] = []
         with self.memory.stage("calibrate"):
             self.accs = collect_hessians(lambda: out.append(run_stages(self.stages, x.to(self.device))),
-                                         self.layers, self.recipe.prune.float64_hessians, self.accs)
+                                         self.layers, self.recipe.prune.float64_hessians, self.accs,
+                                         float32_products=self.recipe.prune.hessian_products == "float32")
             trim_heap()
         self.calibrate_seconds += time.perf_counter() - start
         return out[0].cpu()

@@ -46,6 +46,9 @@ LOCAL_ONLY: dict[str, str] = {
 }
 
 
+_STARTED: list["LocalRay"] = []      # the local Rays connect() started in this process, stopped at exit
+
+
 class LocalRayError(RuntimeError):
     """A local Ray could not be kept on 127.0.0.1."""
 
@@ -178,8 +181,17 @@ def connect(recipe: Recipe) -> None:
             ray.init(address=recipe.distributed.address or os.environ["RAY_ADDRESS"])
     else:
         handle = start_local_ray(os.cpu_count() or 1)
+        _STARTED.append(handle)
         atexit.register(handle.stop)
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         # Ray's core worker installs a crash handler for SIGTERM that aborts the process (exit -6, a stack dump);
         # put back the caller's (the CLI's), so SIGTERM unwinds and the run cleans up after itself.
         signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def stop_started() -> None:
+    """Stop every local Ray :func:`connect` started in this process (their workers and training runs end with
+    them). The CLI calls it on Ctrl-C / SIGTERM before its one line, so no worker log forwarded afterwards comes
+    below that line."""
+    while _STARTED:
+        _STARTED.pop().stop()
