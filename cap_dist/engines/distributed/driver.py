@@ -1,4 +1,4 @@
-"""The Ray driver: plan, start actors, stream calibration through them, allocate, solve, reassemble.
+"""The Ray driver: plan, start actors, stream calibration through them, allocate, solve, write the shards.
 
     cap-dist prune --config jobs/vit4mnist.yaml distributed.actors=2        # local Ray on a laptop
     ray job submit -- python -m cap_dist prune --config jobs/X.yaml          # joins the cluster
@@ -35,10 +35,11 @@ from cap_dist.core import (LayerRecord, PruneResult, check_layers_fit, curve_dep
 from cap_dist.engines.distributed.crew import (ACTOR_FAILURES, FIRST_LOG_S, LOG_EVERY_S, ActorsLost, Crew,
                                                ResourcesUnavailableError)
 from cap_dist.engines.distributed.local_ray import connect
-from cap_dist.engines.distributed.plan import StageCost, plan_actors, plan_json, plan_table
+from cap_dist.engines.distributed.plan import StageCost, plan_actors, plan_json, plan_table, shard_owners
 from cap_dist.engines.distributed.resources import actor_bundle, bundle_text, check_resources, shortfall
 from cap_dist.models.capture import layer_columns
 from cap_dist.models.source import ModelSource
+from cap_dist.shards import WrittenFile, shard_name
 from cap_dist.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -269,8 +270,19 @@ def _recover(recipe: Recipe, crew: Crew, err: ActorsLost, run: dict[str, Any]) -
         _wait_all([crew.actors[i].prepare.remote(run["levels"]) for i in replaced])
 
 
+def _write_shards(recipe: Recipe, actors: list[Any]) -> list[WrittenFile]:
+    """Every actor writes the tensors it owns (:func:`shard_owners`) straight into its own safetensors shard of
+    the output, in parallel; the driver sees tensor names and file digests only, never a tensor."""
+    held = ray.get([a.tensor_names.remote() for a in actors])
+    owned = shard_owners(held, ray.get([a.batchnorm_measured.remote() for a in actors]))
+    writers = [i for i, keys in enumerate(owned) if keys]
+    refs = [actors[i].write_shard.remote(owned[i], shard_name(k + 1, len(writers))) for k, i in enumerate(writers)]
+    return [WrittenFile(**dict(w, keys=tuple(w["keys"]))) for w in ray.get(refs)]
+
+
 def prune_distributed(recipe: Recipe, source: ModelSource | None = None, write: bool = True) -> PruneResult:
-    """Run a recipe on Ray; writes the same output as the local engine (plus each actor's stats and the plan).
+    """Run a recipe on Ray; writes the local engine's output with the weights sharded, one safetensors shard per
+    actor written by that actor, plus ``model.safetensors.index.json`` (and each actor's stats and the plan).
 
     ``source``: the recipe's model source, already parsed (by :func:`cap_dist.engines.prune`)."""
     from cap_dist.data.draw import draw_batches
@@ -315,14 +327,8 @@ def prune_distributed(recipe: Recipe, source: ModelSource | None = None, write: 
                            for r in part]
                 ray.get([a.release.remote() for a in actors])
                 write_start = time.perf_counter()
-                state: dict[str, torch.Tensor] = {}
-                parts = ray.get([a.state.remote() for a in actors])
-                for part in parts:
-                    state.update(part)
-                for part, keys in zip(parts, ray.get([a.batchnorm_measured.remote() for a in actors])):
-                    state.update({k: part[k] for k in keys})          # re-estimated statistics from who ran them
-                del parts
-                stats = ray.get([a.stats.remote() for a in actors])       # after gathering: its memory counts
+                shards = _write_shards(recipe, actors)
+                stats = ray.get([a.stats.remote() for a in actors])       # after writing: its memory counts
                 break
             except ActorsLost as err:
                 lost = err
@@ -341,12 +347,11 @@ def prune_distributed(recipe: Recipe, source: ModelSource | None = None, write: 
                  "solve %.1fs", s["index"], s["peak_rss_mb"], s["baseline_rss_mb"], stages, s["load_seconds"],
                  s["calibrate_seconds"], s["solve_seconds"])
     timings = dict(result["timings"], load=max(s["load_seconds"] for s in stats))
-    manifest = write_output(recipe, state, [r.row() for r in records], input_spec, timings,
+    manifest = write_output(recipe, None, [r.row() for r in records], input_spec, timings,
                             extra={"engine": "ray", "actors": stats, "plan": [list(p.stages) for p in plans],
                                    "actor_starts": crew.starts,
                                    "recoveries": [dataclasses.asdict(r) for r in crew.recoveries]},
-                            source=source)
-    del state
+                            source=source, shards=shards)
     timings.update(write=time.perf_counter() - write_start, total=time.perf_counter() - total_start)
     manifest["timings"] = timings
     print(layer_table(records))
