@@ -91,7 +91,11 @@ def test_ray_job_submit_prunes_from_and_to_s3(s3: str, tmp_path: Path) -> None:
     try:
         subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
                         "--num-cpus=3", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                        f"--dashboard-port={dash_port}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                        f"--dashboard-port={dash_port}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                        # Every port of its own: the job agent's default HTTP port (52365) may be held by another
+                        # Ray on the machine (the test run's shared one), and then no agent ever takes jobs.
+                        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
                        env=env, check=True, capture_output=True, text=True, timeout=120)
         timings["ray start"] = time.perf_counter() - start
         submit = time.perf_counter()
