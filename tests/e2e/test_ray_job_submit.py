@@ -30,24 +30,26 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def _head_processes(temp_dir: str) -> list[int]:
-    """PIDs whose command line names this head's temp dir (raylet, GCS, dashboard, log monitor, workers)."""
+def _head_processes(*markers: str) -> list[int]:
+    """PIDs whose command line names this head's temp dir (raylet, GCS, dashboard, log monitor, workers) or its
+    GCS address (the Ray client server, whose command line has no temp dir)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if temp_dir.encode() in (entry / "cmdline").read_bytes():
+            cmdline = (entry / "cmdline").read_bytes()
+            if any(m.encode() in cmdline for m in markers):
                 pids.append(int(entry.name))
         except OSError:
             continue
     return pids
 
 
-def _stop_head(temp_dir: str) -> None:
+def _stop_head(*markers: str) -> None:
     """Stop exactly this head: SIGTERM its processes, wait, SIGKILL what is left."""
     for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        pids = _head_processes(temp_dir)
+        pids = _head_processes(*markers)
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -55,7 +57,7 @@ def _stop_head(temp_dir: str) -> None:
                 pass
         deadline = time.monotonic() + wait
         while pids and time.monotonic() < deadline:
-            pids = _head_processes(temp_dir)
+            pids = _head_processes(*markers)
             time.sleep(0.2)
         if not pids:
             return
@@ -95,7 +97,8 @@ def test_ray_job_submit_prunes_from_and_to_s3(s3: str, tmp_path: Path) -> None:
                         # Every port of its own: the job agent's default HTTP port (52365) may be held by another
                         # Ray on the machine (the test run's shared one), and then no agent ever takes jobs.
                         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
+                        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                        f"--ray-client-server-port={free_port()}"],
                        env=env, check=True, capture_output=True, text=True, timeout=120)
         timings["ray start"] = time.perf_counter() - start
         submit = time.perf_counter()
@@ -114,8 +117,8 @@ def test_ray_job_submit_prunes_from_and_to_s3(s3: str, tmp_path: Path) -> None:
         assert job.returncode == 0, f"job failed:\n{job.stdout[-4000:]}\n{job.stderr[-2000:]}"
         assert "succeeded" in job.stdout and f"wrote {s3}/job-out" in job.stdout
     finally:
-        _stop_head(temp_dir)
-        left = _head_processes(temp_dir)
+        _stop_head(temp_dir, f"--address=127.0.0.1:{gcs_port}\0")
+        left = _head_processes(temp_dir, f"--address=127.0.0.1:{gcs_port}\0")
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert not left, f"processes of the test's Ray head survived: {left}"
     timings["total"] = time.perf_counter() - start
