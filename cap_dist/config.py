@@ -171,6 +171,30 @@ class PruneConfig(_Strict):
         return self
 
 
+class StructuredConfig(_Strict):
+    """Structured pruning before everything else: whole MLP hidden units, attention heads and expansion channels
+    are removed (greedy group OBS on each consumer layer's input Hessian, exact updates of what remains), leaving a
+    physically smaller model. ``prune`` then sparsifies / quantizes what remains; ``prune.sparsity: 0`` (and no
+    N:M, no quantize) stops after the structured step. See cap_dist/structured."""
+
+    target: float = Field(gt=0.0, lt=1.0, description="fraction of the dense model's compute (measure=flops) or "
+                                                       "parameters (measure=params) that stays, e.g. 0.6")
+    measure: Literal["flops", "params"] = "flops"
+    structures: list[Literal["mlp", "heads", "channels"]] = Field(
+        default_factory=lambda: ["mlp", "heads", "channels"], description="what may be removed (kinds the model "
+                                                                          "lacks are skipped)")
+    method: Literal["cap", "obs", "magnitude"] = Field("cap", description=(
+        "cap: greedy group OBS with inverse downdates; obs: one-shot group OBS scores; magnitude: group L2 norm. "
+        "All three end with the exact least-squares re-solve of the kept columns"))
+    allocation: Literal["global", "uniform"] = Field("global", description=(
+        "global: per-structure counts minimising the summed relative loss per saved MAC/parameter; uniform: the "
+        "same fraction of groups everywhere"))
+    max_fraction: float = Field(0.9, gt=0.0, lt=1.0, description="the most of one module's groups removed")
+    damp: float = Field(0.01, ge=0.0)
+    damp_mode: Literal["relative", "mean"] = "relative"
+    ignore: list[str] = Field(default_factory=list, description="module names (and their children) left whole")
+
+
 class DistributedConfig(_Strict):
     """How the Ray engine shards the model: one actor per contiguous range of blocks."""
 
@@ -293,6 +317,7 @@ class Recipe(_Strict):
     storage: StorageConfig = StorageConfig()
     finetune: FinetuneConfig | None = Field(None, description="recovery after every pruning step (cap-dist run)")
     schedule: ScheduleConfig = Field(ScheduleConfig(), description="gradual pruning steps up to prune.sparsity")
+    structured: StructuredConfig | None = Field(None, description="remove whole structures first (a smaller model)")
 
     @property
     def hash(self) -> str:
@@ -300,6 +325,8 @@ class Recipe(_Strict):
         which engine or how many threads computed it (the Ray engine reproduces the local result)."""
         payload = self.model_dump(mode="json", exclude={"output", "overwrite", "engine", "distributed", "threads",
                                                                     "storage"})
+        if payload.get("structured") is None:      # recipes without the section keep the hashes they had
+            payload.pop("structured", None)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -82,6 +82,9 @@ def _group_blocks(weight: torch.Tensor, hinv: torch.Tensor, groups: torch.Tensor
 
 def oneshot_group_scores(weight: torch.Tensor, hinv: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """ΔL_g = ½·tr(W[:,g] (Hinv[g,g])⁻¹ W[:,g]ᵀ) of removing each group alone from ``weight``, ``[G]``."""
+    if groups.shape[1] == 1:                                              # single columns: w_j² / Hinv_jj
+        cols = groups[:, 0]
+        return 0.5 * weight[:, cols].pow(2).sum(0) / torch.diagonal(hinv)[cols]
     blocks, wg = _group_blocks(weight, hinv, groups)
     solved = torch.linalg.solve(blocks, wg)                               # (Hinv[g,g])⁻¹ W[:,g]ᵀ
     return 0.5 * (wg * solved).sum(dim=(1, 2))
@@ -101,8 +104,8 @@ def remove_group(weight: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -
     wg = weight[:, cols]                                                  # [out, k]
     coef = torch.linalg.solve(block, wg.T)                                # (Hinv[g,g])⁻¹ W[:,g]ᵀ, [k, out]
     loss = 0.5 * float((wg.T * coef).sum())
-    weight.sub_(coef.T @ rows)                                            # W ← W − W[:,g](Hinv[g,g])⁻¹Hinv[g,:]
-    hinv.sub_(rows.T @ torch.linalg.solve(block, rows))                   # Hinv ← Hinv − Hinv[:,g](..)⁻¹Hinv[g,:]
+    weight.addmm_(coef.T, rows, alpha=-1.0)                               # W ← W − W[:,g](Hinv[g,g])⁻¹Hinv[g,:]
+    hinv.addmm_(rows.T, torch.linalg.solve(block, rows), alpha=-1.0)      # Hinv ← Hinv − Hinv[:,g](..)⁻¹Hinv[g,:]
     weight[:, cols] = 0.0                                                 # exact zeros (rounding leaves ~1e-17)
     hinv[cols, :] = 0.0
     hinv[:, cols] = 0.0
