@@ -193,6 +193,9 @@ class StructuredConfig(_Strict):
     damp: float = Field(0.01, ge=0.0)
     damp_mode: Literal["relative", "mean"] = "relative"
     ignore: list[str] = Field(default_factory=list, description="module names (and their children) left whole")
+    multiple_of: int = Field(1, ge=1, description=(
+        "every reduced consumer keeps a multiple of this many input columns (8 or 16 suit vector units; an N:M "
+        "prune.pattern needs a multiple of M, a quantize.group_size a multiple of it)"))
 
 
 class DistributedConfig(_Strict):
@@ -318,6 +321,18 @@ class Recipe(_Strict):
     finetune: FinetuneConfig | None = Field(None, description="recovery after every pruning step (cap-dist run)")
     schedule: ScheduleConfig = Field(ScheduleConfig(), description="gradual pruning steps up to prune.sparsity")
     structured: StructuredConfig | None = Field(None, description="remove whole structures first (a smaller model)")
+
+    @model_validator(mode="after")
+    def _structured_widths(self) -> "Recipe":
+        if self.structured is None:
+            return self
+        need = {"prune.pattern": self.prune.pattern.m if self.prune.pattern.structured else 1,
+                "prune.quantize.group_size": (self.prune.quantize.group_size or 1) if self.prune.quantize.bits else 1}
+        for key, width in need.items():
+            if self.structured.multiple_of % width:
+                raise ValueError(f"{key} needs every layer's input width to be a multiple of {width}; set "
+                                 f"structured.multiple_of to a multiple of {width} (now {self.structured.multiple_of})")
+        return self
 
     @property
     def hash(self) -> str:

@@ -119,7 +119,7 @@ def write_output(recipe: Recipe, state: dict, rows: list[dict[str, Any]], input_
         atomic_write_bytes(_join(root, REPORT), sink.getvalue())
         digests[REPORT] = _sha256(sink.getvalue())
         written.append(REPORT)
-        spec = json.dumps(source.output_model_json(input_spec, WEIGHTS), indent=1).encode()
+        spec = json.dumps(_model_json(source, input_spec, state), indent=1).encode()
         atomic_write_bytes(_join(root, MODEL_JSON), spec)
         digests[MODEL_JSON] = _sha256(spec)
         written.append(MODEL_JSON)
@@ -141,6 +141,18 @@ def write_output(recipe: Recipe, state: dict, rows: list[dict[str, Any]], input_
     }
     atomic_write_bytes(_join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def _model_json(source: ModelSource, input_spec: dict[str, Any], state: dict) -> dict[str, Any]:
+    """The output's ``model.json``; where structured pruning made modules smaller than the source's, their shapes
+    go under ``structured`` so the output rebuilds (:func:`load_sparse`, or as a model source)."""
+    from cap_dist.models.structures import infer_structure_shapes
+
+    model_json = source.output_model_json(input_spec, WEIGHTS)
+    shapes = infer_structure_shapes(source.meta_skeleton(), state)
+    if shapes:
+        model_json["structured"] = {**model_json.get("structured", {}), **shapes}
+    return model_json
 
 
 def _write_weights(uri: str, state: dict) -> str:
@@ -220,6 +232,12 @@ def load_sparse(uri: str) -> tuple[nn.Module, dict[str, Any]]:
     manifest = read_manifest(uri)
     recipe = recipe_from_dict(manifest["recipe"], _join(uri, MANIFEST))
     model = ModelSource.of(recipe.model).skeleton()
+    if MODEL_JSON in manifest.get("files", {}):      # smaller modules of a structured prune, if any
+        from cap_dist.models.structures import apply_structure_shapes
+
+        shapes = json.loads(read_verified(uri, MODEL_JSON, manifest)).get("structured")
+        if shapes:
+            apply_structure_shapes(model, shapes)
     state = safetensors_load(read_verified(uri, WEIGHTS, manifest))
     model.load_state_dict({k: v for k, v in state.items()}, strict=True)
     return model.eval(), manifest

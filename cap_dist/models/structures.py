@@ -59,7 +59,7 @@ class Structure:
 
     def columns(self) -> torch.Tensor:
         """``[groups, group_size]`` consumer column ids of each group (contiguous)."""
-        return torch.arange(self.groups * self.group_size).reshape(self.groups, self.group_size)
+        return torch.arange(self.groups * self.group_size, device="cpu").reshape(self.groups, self.group_size)
 
 
 def _conv_cols(layer: nn.Module) -> int:
@@ -179,7 +179,7 @@ def _keep_batchnorm(bn: nn.BatchNorm2d, index: torch.Tensor) -> None:
 def remove_groups(model: nn.Module, structure: Structure, keep: torch.Tensor) -> Structure:
     """Shrink the structure's module to the groups ``keep`` (ascending group ids), in place; returns the new
     :class:`Structure`. The consumer keeps its columns of those groups as they are: write its updated weight first."""
-    keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+    keep = torch.as_tensor(keep, dtype=torch.long, device="cpu").sort().values
     if keep.numel() == 0 or int(keep.min()) < 0 or int(keep.max()) >= structure.groups:
         raise ValueError(f"{structure.name}: keep must name 1..{structure.groups} of its groups, got "
                          f"{keep.tolist()[:8]}")
@@ -210,7 +210,7 @@ def _shrink_mlp(mlp: nn.Module, keep: torch.Tensor, hidden: int) -> None:
 
 def _shrink_attention(attn: Attention, keep: torch.Tensor) -> None:
     hd = attn.head_dim
-    per_head = (keep[:, None] * hd + torch.arange(hd)).reshape(-1)        # this head's columns of the attn dim
+    per_head = (keep[:, None] * hd + torch.arange(hd, device="cpu")).reshape(-1)        # this head's columns of the attn dim
     rows = torch.cat([per_head + part * attn.attn_dim for part in range(3)])  # its q, k and v rows of qkv
     _keep_outputs(attn.qkv, rows)
     if attn.gate is not None:
@@ -253,4 +253,27 @@ def apply_structure_shapes(model: nn.Module, shapes: dict[str, dict[str, Any]]) 
             raise StructureError(f"model.json 'structured': {name!r} groups={groups!r} must be an integer in "
                                  f"[1, {structure.groups}]")
         if groups < structure.groups:
-            remove_groups(model, structure, torch.arange(groups))
+            remove_groups(model, structure, torch.arange(groups, device="cpu"))
+
+
+def infer_structure_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """The shapes record of a state dict whose structures are smaller than ``model``'s (meta is fine): every
+    supported structure whose consumer has fewer input columns in ``state``. Modules that hold no removable
+    structure (or a variant that cannot be pruned exactly) are not recorded; a state that differs from the
+    model elsewhere fails when it is loaded, with the key named."""
+    shapes = {}
+    for name, module in model.named_modules():
+        if _kind_of(module) is None:
+            continue
+        try:
+            structure = structure_of(name, module)
+        except StructureError:
+            continue
+        weight = state.get(f"{structure.consumer}.weight")
+        if weight is None or weight.ndim < 2:
+            continue
+        columns = int(weight.shape[1]) * (int(weight.shape[2] * weight.shape[3]) if weight.ndim == 4 else 1)
+        groups, rest = divmod(columns, structure.group_size)
+        if rest == 0 and 1 <= groups < structure.groups:
+            shapes[name] = {"kind": structure.kind, "groups": groups}
+    return shapes

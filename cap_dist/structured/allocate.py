@@ -27,10 +27,15 @@ def _check(curves: Mapping[str, torch.Tensor], costs: Mapping[str, float], budge
                          f"{sorted(set(curves) ^ set(costs))[:5]}")
     if budget < 0:
         raise ValueError(f"budget={budget} must be >= 0")
-    reachable = sum(costs[n] * (len(c) - 1) for n, c in curves.items())
+    reachable = sum(costs[n] * _deepest(c) for n, c in curves.items())
     if budget > reachable * (1 + 1e-12):
         raise BudgetError(f"removing {budget:.4g} needs more than the structures allow ({reachable:.4g} at their "
                           "limits); lower the target's reduction or raise structured.max_fraction")
+
+
+def _deepest(curve: torch.Tensor) -> int:
+    """The largest count a curve allows (counts that break a width rule carry an infinite loss)."""
+    return int(torch.isfinite(curve).nonzero().max())
 
 
 def _counts_at(lam: float, curves: Mapping[str, torch.Tensor], costs: Mapping[str, float]) -> dict[str, int]:
@@ -51,7 +56,7 @@ def lagrangian_counts(curves: Mapping[str, torch.Tensor], costs: Mapping[str, fl
     _check(curves, costs, budget)
     if budget == 0:
         return {name: 0 for name in curves}
-    hi = max(float(c[-1]) / costs[n] for n, c in curves.items() if len(c) > 1) + 1.0
+    hi = max((float(c[_deepest(c)]) / costs[n] for n, c in curves.items() if _deepest(c) > 0), default=0.0) + 1.0
     lo = 0.0
     while _saved(_counts_at(hi, curves, costs), costs) < budget:      # flat curves: the bound may need room
         hi *= 2.0
@@ -66,15 +71,19 @@ def lagrangian_counts(curves: Mapping[str, torch.Tensor], costs: Mapping[str, fl
     return _counts_at(hi, curves, costs)
 
 
-def uniform_counts(groups: Mapping[str, int], limits: Mapping[str, int], costs: Mapping[str, float],
-                     budget: float) -> dict[str, int]:
-    """The same fraction f of every structure's groups (rounded, capped at its limit), the least f that reaches
-    the budget."""
-    curves = {n: torch.zeros(limits[n] + 1) for n in groups}
+def uniform_counts(groups: Mapping[str, int], valid: Mapping[str, torch.Tensor], costs: Mapping[str, float],
+                   budget: float) -> dict[str, int]:
+    """The same fraction f of every structure's groups (rounded down to a count ``valid[name]`` allows), the least
+    f that reaches the budget. ``valid[name][k]``: whether removing k groups is allowed (k = 0 .. its limit)."""
+    curves = {n: torch.where(v, 0.0, torch.inf) for n, v in valid.items()}
     _check(curves, costs, budget)
 
     def counts(fraction: float) -> dict[str, int]:
-        return {n: min(limits[n], int(round(fraction * g))) for n, g in groups.items()}
+        out = {}
+        for n, g in groups.items():
+            allowed = valid[n][: min(len(valid[n]) - 1, int(round(fraction * g))) + 1].nonzero()
+            out[n] = int(allowed.max()) if allowed.numel() else 0
+        return out
 
     lo, hi = 0.0, 1.0
     for _ in range(_BISECTIONS):

@@ -70,6 +70,6 @@ def group_costs(model: nn.Module, structures: list[Structure], macs: dict[str, f
         own = sum(v for k, v in macs.items() if k == s.name or k.startswith(prefix))
         probe = copy.deepcopy(module).to("meta")
         before = total_params(probe)
-        remove_groups(probe, replace(s, name=""), torch.arange(s.groups - 1))
+        remove_groups(probe, replace(s, name=""), torch.arange(s.groups - 1, device="cpu"))
         costs[s.name] = GroupCost(macs=own / s.groups, params=before - total_params(probe))
     return costs

@@ -77,6 +77,15 @@ def removal_curve(weight: torch.Tensor, hessian: torch.Tensor, structure: Struct
     return LayerCurve(order, curve)
 
 
+def valid_counts(structure: Structure, limit: int, multiple_of: int) -> torch.Tensor:
+    """``[limit + 1]`` bools: which numbers of removed groups leave the consumer a width that is a multiple of
+    ``multiple_of`` (removing none is always allowed: the module stays as it was)."""
+    kept = structure.groups - torch.arange(limit + 1)
+    valid = (kept * structure.group_size) % multiple_of == 0
+    valid[0] = True
+    return valid
+
+
 def model_total(model: nn.Module, macs: dict[str, float], measure: str) -> float:
     """The whole model's MACs per image (``flops``) or parameters (``params``)."""
     return sum(macs.values()) if measure == "flops" else float(total_params(model))
@@ -104,10 +113,12 @@ def prune_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: Structur
     for s in tqdm(structures, desc=f"structured curves ({cfg.method})", unit="module", leave=False):
         curves[s.name] = removal_curve(flattened_weight(consumers[s.consumer]), accs[s.consumer].hessian(), s,
                                        limits[s.name], cfg)
+    valid = {s.name: valid_counts(s, limits[s.name], cfg.multiple_of) for s in structures}
     if cfg.allocation == "global":
-        counts = lagrangian_counts({n: c.curve for n, c in curves.items()}, unit, budget)
+        counts = lagrangian_counts({n: torch.where(valid[n], c.curve, torch.inf) for n, c in curves.items()}, unit,
+                                   budget)
     else:
-        counts = uniform_counts({s.name: s.groups for s in structures}, limits, unit, budget)
+        counts = uniform_counts({s.name: s.groups for s in structures}, valid, unit, budget)
     records = []
     for s in structures:
         records.append(_apply(model, s, consumers[s.consumer], accs[s.consumer].hessian(),

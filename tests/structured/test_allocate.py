@@ -40,8 +40,18 @@ def test_cheap_loss_per_saved_unit_is_taken_first() -> None:
 
 
 def test_uniform_removes_one_fraction_everywhere() -> None:
-    counts = uniform_counts({"a": 10, "b": 20}, {"a": 9, "b": 18}, {"a": 1.0, "b": 1.0}, 15.0)
-    assert counts == {"a": 5, "b": 10}
+    valid = {"a": torch.ones(10, dtype=torch.bool), "b": torch.ones(19, dtype=torch.bool)}
+    assert uniform_counts({"a": 10, "b": 20}, valid, {"a": 1.0, "b": 1.0}, 15.0) == {"a": 5, "b": 10}
+    valid["b"][1::2] = False                                 # b may only lose an even number of groups
+    counts = uniform_counts({"a": 10, "b": 20}, valid, {"a": 1.0, "b": 1.0}, 16.0)
+    assert counts["b"] % 2 == 0 and sum(counts.values()) >= 16
+
+
+def test_invalid_counts_are_never_chosen() -> None:
+    curves = {"a": torch.tensor([0.0, 0.1, torch.inf, 0.3, torch.inf]), "b": torch.tensor([0.0, 1.0, 2.0])}
+    for budget in range(1, 6):
+        counts = lagrangian_counts(curves, {"a": 1.0, "b": 1.0}, float(budget))
+        assert counts["a"] in (0, 1, 3) and sum(counts.values()) >= budget
 
 
 def test_unreachable_budget_is_a_clear_error() -> None:
