@@ -153,6 +153,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_onnx(args: argparse.Namespace) -> int:
+    """Export a pruning output to ONNX and check ONNX Runtime against torch (and an int8 graph with --int8)."""
+    from cap_dist.deploy import export_output, quantize_int8
+
+    path, check = export_output(args.output, args.out)
+    print(f"wrote {path}: ONNX Runtime matches torch on a {list(check.input_shape)} batch (max |diff| "
+          f"{check.max_abs_diff:.2e} at output scale {check.max_abs_output:.2g})")
+    if args.int8:
+        int8 = quantize_int8(path, path.removesuffix(".onnx") + ".int8.onnx")
+        print(f"wrote {int8}: int8 MatMul/Gemm weights (ONNX Runtime dynamic quantization)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     """The demo; Ctrl-C ends it with one line (the demo has shut its Ray down by then), not a traceback."""
     import os
@@ -204,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="compact file of a pruning output: kept values + bitmask (+ int codes)")
     export.add_argument("output", help="pruning output folder or URI")
     export.set_defaults(func=_cmd_export)
+
+    onnx = sub.add_parser("onnx", help="export a pruning output to ONNX (reduced shapes of a structured prune) and "
+                                       "check ONNX Runtime against torch")
+    onnx.add_argument("output", help="pruning output folder")
+    onnx.add_argument("--out", default=None, help="ONNX file to write (default: <output>/model.onnx)")
+    onnx.add_argument("--int8", action="store_true", help="also write <name>.int8.onnx (ORT dynamic int8)")
+    onnx.set_defaults(func=_cmd_onnx)
 
     evaluate = sub.add_parser("eval", help="evaluate a pruned output against its dense model")
     evaluate.add_argument("output", help="pruning output folder or URI")

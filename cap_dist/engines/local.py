@@ -93,23 +93,23 @@ def _sequential(recipe: Recipe, model: nn.Module, batches: list[Batch], layers: 
     return records
 
 
-def load_with_calibration(recipe: Recipe, source: ModelSource) -> tuple[nn.Module, dict, list[Batch], dict[str, float]]:
-    """The source's model on the recipe's device (threads set as the recipe says), its input preprocessing, the
-    calibration batches on that device, and the seconds spent (``load``, ``data``)."""
-    from cap_dist.data.draw import draw_batches
-
+def load_on_device(recipe: Recipe, source: ModelSource) -> tuple[nn.Module, dict, torch.device]:
+    """The source's model on the recipe's device (threads set as the recipe says), its input preprocessing, and
+    the device."""
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
-    start = time.perf_counter()
     model = source.load()
     input_spec = source.input_spec(model)
     device = device_of(recipe.device)
-    model.to(device)
-    t_load = time.perf_counter() - start
-    start = time.perf_counter()
-    batches = [(x.to(device), None if y is None else y.to(device))
-               for x, y in draw_batches(recipe.calibration, input_spec, purpose="calibration")]
-    return model, input_spec, batches, {"load": t_load, "data": time.perf_counter() - start}
+    return model.to(device), input_spec, device
+
+
+def calibration_batches(recipe: Recipe, input_spec: dict, device: torch.device) -> list[Batch]:
+    """The recipe's calibration images (and labels) as batches on ``device``."""
+    from cap_dist.data.draw import draw_batches
+
+    return [(x.to(device), None if y is None else y.to(device))
+            for x, y in draw_batches(recipe.calibration, input_spec, purpose="calibration")]
 
 
 def prune_local(recipe: Recipe, source: ModelSource | None = None, write: bool = True) -> PruneResult:
@@ -118,14 +118,18 @@ def prune_local(recipe: Recipe, source: ModelSource | None = None, write: bool =
     ``source``: the recipe's model source, already parsed (by :func:`cap_dist.engines.prune`)."""
     total = time.perf_counter()
     source = source if source is not None else ModelSource.of(recipe.model)
-    model, input_spec, batches, load_timings = load_with_calibration(recipe, source)
+    model, input_spec, device = load_on_device(recipe, source)
     layers = select_layers(model, recipe.model)
     check_layers_fit(recipe.prune, layers)
+    t_load = time.perf_counter() - total
+    start = time.perf_counter()
+    batches = calibration_batches(recipe, input_spec, device)
+    t_data = time.perf_counter() - start
     cfg = recipe.prune
     log.info("pruning %d layers of %s with %s (%s, %s mode)", len(layers), recipe.model.source, cfg.method,
              cfg.pattern if cfg.pattern.structured else f"{cfg.sparsity:.0%}", cfg.mode)
     records, timings = prune_model(recipe, model, batches, layers)
-    timings.update(**load_timings, total=time.perf_counter() - total)
+    timings.update(load=t_load, data=t_data, total=time.perf_counter() - total)
     result = PruneResult(recipe=recipe, engine="local", layers=records, timings=timings, input_spec=input_spec,
                          model=model.cpu())
     if write:

@@ -46,17 +46,18 @@ def follow_up_recipe(recipe: Recipe) -> Recipe:
 
 def prune_structured_output(recipe: Recipe, source: ModelSource | None = None, write: bool = True) -> PruneResult:
     """Run the structured step of ``recipe`` in this process and write its output (to ``recipe.output``)."""
-    from cap_dist.engines.local import load_with_calibration
+    from cap_dist.engines.local import calibration_batches, load_on_device
     from cap_dist.output import write_output
 
     if recipe.structured is None:
         raise ValueError("the recipe has no structured section; add structured: {target: 0.6} (see cap_dist/config.py)")
     total = time.perf_counter()
     source = source if source is not None else ModelSource.of(recipe.model)
-    model, input_spec, batches, timings = load_with_calibration(recipe, source)
+    model, input_spec, device = load_on_device(recipe, source)
+    inputs = [x for x, _ in calibration_batches(recipe, input_spec, device)]
     start = time.perf_counter()
-    records = prune_structured(model, [x for x, _ in batches], recipe.structured)
-    timings.update(structured=time.perf_counter() - start, total=time.perf_counter() - total)
+    records = prune_structured(model, inputs, recipe.structured)
+    timings = {"structured": time.perf_counter() - start, "total": time.perf_counter() - total}
     model = model.cpu()
     result = PruneResult(recipe=recipe, engine="local", layers=[], timings=timings, input_spec=input_spec, model=model)
     if write:
