@@ -61,3 +61,18 @@ def test_structured_then_2_4_and_int8_on_what_remains(workdir: Path) -> None:
     with torch.no_grad():
         assert torch.isfinite(model(_images())).all()
     assert prune(recipe).manifest["recipe_hash"] == manifest["recipe_hash"]      # a rerun reuses both steps
+
+
+def test_gradual_removes_structures_in_its_first_step_only(workdir: Path) -> None:
+    from cap_dist.config import ModelConfig
+    from cap_dist.finetune.gradual import _prune_recipe, step_recipes
+
+    tree = _recipe(workdir, "gradual", sparsity=0.0).model_dump(mode="json")
+    tree["finetune"] = {"data": {"uri": str(workdir / "images")}}
+    recipe = recipe_from_dict(tree)
+    assert [s for s, _, _ in step_recipes(recipe)] == [0.0]             # structured alone: one step
+    with pytest.raises(ValueError, match="schedule.steps=1"):
+        step_recipes(recipe_from_dict({**tree, "schedule": {"steps": 3}}))
+    later = ModelConfig(source=str(workdir / "vit"))
+    assert _prune_recipe(recipe, later, 0.5, "x", first=True).structured == recipe.structured
+    assert _prune_recipe(recipe, later, 0.5, "x", first=False).structured is None
