@@ -103,8 +103,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         metrics["knn_top1"] = knn_from_batches(model, bank, batches)
         if dense is not None:
             metrics["dense_knn_top1"] = knn_from_batches(dense, bank, batches)
-    plot = args.plot or f"{args.output.rstrip('/')}/layers.png"
-    plot_layer_report(read_report(args.output), plot)
+    rows = read_report(args.output)
+    plot = None
+    if rows and all("rel_error" in row for row in rows):
+        plot = args.plot or f"{args.output.rstrip('/')}/layers.png"
+        plot_layer_report(rows, plot)
+    else:                                     # structured outputs (and their finetunes) have no per-layer solves
+        metrics["plot_skipped"] = "the output has no per-layer errors to plot (structured pruning alone)"
+    if manifest.get("structured"):
+        metrics["structured"] = {r["name"]: f"{r['groups']} -> {r['kept']}" for r in manifest["structured"]}
     print(json.dumps({**metrics, "sparsity": manifest["sparsity"], "plot": plot}, indent=1))
     return 0
 

@@ -29,7 +29,7 @@ def _images(n: int = 4) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
 
-def test_structured_output_is_a_smaller_model_that_load_sparse_rebuilds(workdir: Path) -> None:
+def test_structured_output_is_a_smaller_model_that_load_sparse_rebuilds(workdir: Path, capsys) -> None:
     recipe = _recipe(workdir, "only", sparsity=0.0)
     result = prune(recipe)
     model, manifest = load_sparse(recipe.output)
@@ -45,6 +45,10 @@ def test_structured_output_is_a_smaller_model_that_load_sparse_rebuilds(workdir:
     again = ModelSource.parse(recipe.output).load()                     # the output is a model source
     with torch.no_grad():
         torch.testing.assert_close(again(_images()), model(_images()))
+    from cap_dist.cli import main
+
+    assert main(["eval", recipe.output, "--data", str(workdir / "images")]) == 0
+    assert '"plot_skipped"' in capsys.readouterr().out
 
 
 def test_structured_then_2_4_and_int8_on_what_remains(workdir: Path) -> None:
