@@ -203,22 +203,27 @@ def shape_case(name: str, case: dict[str, Any], reps: int, threads: int, work: P
     """A random-weight model cut uniformly to the target's MACs: latency of the shapes alone."""
     import timm
 
-    torch.manual_seed(0)
-    dense = timm.create_model(case["shape_only"], pretrained=False).eval()
     image = (3, 224, 224)
-    dense_macs = macs_of(dense, image)
-    found = find_structures(dense, ("mlp", "heads"))
+
+    def cut(fraction: float, device: str) -> nn.Module:
+        with torch.device(device):
+            model = timm.create_model(case["shape_only"], pretrained=False).eval()
+            found = find_structures(model, ("mlp", "heads"))
+            apply_structure_shapes(model, {s.name: {"kind": s.kind, "groups": max(1, round(fraction * s.groups))}
+                                           for s in found})
+        return model
+
+    def macs(model: nn.Module) -> float:
+        return sum(module_macs(model, torch.zeros((1, *image), device="meta")).values())
+
+    dense_macs = macs(cut(1.0, "meta"))
     lo, hi = 0.0, 1.0
-    for _ in range(30):                                           # the uniform kept fraction that meets the target
+    for _ in range(20):                         # the uniform kept fraction that meets the target (shapes only: meta)
         mid = 0.5 * (lo + hi)
-        model = timm.create_model(case["shape_only"], pretrained=False).eval()
-        apply_structure_shapes(model, {s.name: {"kind": s.kind, "groups": max(1, round(mid * s.groups))}
-                                       for s in found})
-        if macs_of(model, image) / dense_macs <= case["target"]:
-            lo, best = mid, model
-        else:
-            hi = mid
-    result = {"case": name, "target": case["target"], "macs_kept": macs_of(best, image) / dense_macs,
+        lo, hi = (mid, hi) if macs(cut(mid, "meta")) / dense_macs <= case["target"] else (lo, mid)
+    torch.manual_seed(0)
+    dense, best = cut(1.0, "cpu"), cut(lo, "cpu")
+    result = {"case": name, "target": case["target"], "macs_kept": macs_of(best, image) / macs_of(dense, image),
               "kept_fraction_of_groups": lo}
     result["latency"] = speedups(latency_rows({"dense": dense, "structured": best}, image, case["batches"], reps,
                                               threads, work))

@@ -99,13 +99,19 @@ def remove_group(weight: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -
     """Remove the columns ``cols`` from ``weight`` with the exact OBS update and downdate ``hinv``, in place.
 
     Returns the step's loss ½·tr(W[:,g] (Hinv[g,g])⁻¹ W[:,g]ᵀ)."""
-    block = hinv[cols.unsqueeze(-1), cols.unsqueeze(0)]                   # [k, k]
     rows = hinv[cols, :]                                                  # Hinv[g,:], [k, in]
     wg = weight[:, cols]                                                  # [out, k]
-    coef = torch.linalg.solve(block, wg.T)                                # (Hinv[g,g])⁻¹ W[:,g]ᵀ, [k, out]
-    loss = 0.5 * float((wg.T * coef).sum())
-    weight.addmm_(coef.T, rows, alpha=-1.0)                               # W ← W − W[:,g](Hinv[g,g])⁻¹Hinv[g,:]
-    hinv.addmm_(rows.T, torch.linalg.solve(block, rows), alpha=-1.0)      # Hinv ← Hinv − Hinv[:,g](..)⁻¹Hinv[g,:]
+    if cols.numel() == 1:                                                 # one column: the scalar OBS step
+        pivot = rows[0, cols[0]]
+        loss = 0.5 * float(wg.pow(2).sum() / pivot)
+        weight.addr_(wg[:, 0], rows[0], alpha=-1.0 / float(pivot))
+        hinv.addr_(rows[0], rows[0], alpha=-1.0 / float(pivot))
+    else:
+        block = hinv[cols.unsqueeze(-1), cols.unsqueeze(0)]               # [k, k]
+        coef = torch.linalg.solve(block, wg.T)                            # (Hinv[g,g])⁻¹ W[:,g]ᵀ, [k, out]
+        loss = 0.5 * float((wg.T * coef).sum())
+        weight.addmm_(coef.T, rows, alpha=-1.0)                           # W ← W − W[:,g](Hinv[g,g])⁻¹Hinv[g,:]
+        hinv.addmm_(rows.T, torch.linalg.solve(block, rows), alpha=-1.0)  # Hinv ← Hinv − Hinv[:,g](..)⁻¹Hinv[g,:]
     weight[:, cols] = 0.0                                                 # exact zeros (rounding leaves ~1e-17)
     hinv[cols, :] = 0.0
     hinv[:, cols] = 0.0
