@@ -60,9 +60,11 @@ def structured_overrides(target: float, method: str, structures: list[str]) -> l
 
 
 CASES: dict[str, dict[str, Any]] = {
-    "vit4mnist": {"recipe": "jobs/vit4mnist.yaml", "model": "vit4mnist", "finetune": lambda e: vit4mnist(0.0, 1, e), "epochs": 6,
+    "vit4mnist": {"recipe": "jobs/vit4mnist.yaml", "model": "vit4mnist", "finetune": lambda e: vit4mnist(0.0, 1, e),
+                  "epochs": 6,
                   "quick_epochs": 2, "target": 0.5, "structures": ["mlp", "heads"], "batches": (1, 64, 256)},
-    "effnet-lite0": {"recipe": "jobs/effnet_lite0.yaml", "model": "tf_efficientnet_lite0", "finetune": lambda e: effnet(0.0, 1, e), "epochs": 4,
+    "effnet-lite0": {"recipe": "jobs/effnet_lite0.yaml", "model": "tf_efficientnet_lite0",
+                     "finetune": lambda e: effnet(0.0, 1, e), "epochs": 4,
                      "quick_epochs": 1, "target": 0.75, "structures": ["channels"], "batches": (1, 64)},
     "vitb16-shape": {"shape_only": "vit_base_patch16_224", "target": 0.5, "batches": (1, 64)},
 }
@@ -231,7 +233,8 @@ def shape_case(name: str, case: dict[str, Any], reps: int, threads: int, work: P
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| case | model | batch | torch fp32 | torch int8 | ORT fp32 | ORT int8 |", "|---|---|---|---|---|---|---|"]
+    lines = ["| case | model | batch | torch fp32 | torch int8 | ORT fp32 | ORT int8 |",
+             "|---|---|---|---|---|---|---|"]
     for res in results:
         cells: dict[tuple[str, int], dict[str, str]] = {}
         for r in res["latency"]:

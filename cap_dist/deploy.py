@@ -42,7 +42,8 @@ def _require_onnx() -> tuple[Any, Any]:
         import onnx
         import onnxruntime
     except ImportError:
-        raise DeployError("ONNX export needs onnx and onnxruntime: pip install -c constraints.txt -e '.[onnx]'") from None
+        raise DeployError("ONNX export needs onnx and onnxruntime: "
+                          "pip install -c constraints.txt -e '.[onnx]'") from None
     return onnx, onnxruntime
 
 
@@ -126,7 +127,8 @@ def graph_weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
     return {init.name: tuple(init.dims) for init in graph.initializer}
 
 
-def export_output(uri: str, out_path: str | None = None, *, batch: int = 2, dynamo: bool = False) -> tuple[str, OnnxCheck]:
+def export_output(uri: str, out_path: str | None = None, *, batch: int = 2,
+                  dynamo: bool = False) -> tuple[str, OnnxCheck]:
     """Export a pruning output (local folder) to ONNX beside it (``model.onnx``) and check it against torch."""
     from cap_dist.output import load_sparse
 

@@ -210,7 +210,7 @@ def _shrink_mlp(mlp: nn.Module, keep: torch.Tensor, hidden: int) -> None:
 
 def _shrink_attention(attn: Attention, keep: torch.Tensor) -> None:
     hd = attn.head_dim
-    per_head = (keep[:, None] * hd + torch.arange(hd, device="cpu")).reshape(-1)        # this head's columns of the attn dim
+    per_head = (keep[:, None] * hd + torch.arange(hd, device="cpu")).reshape(-1)   # the heads' attn-dim columns
     rows = torch.cat([per_head + part * attn.attn_dim for part in range(3)])  # its q, k and v rows of qkv
     _keep_outputs(attn.qkv, rows)
     if attn.gate is not None:

@@ -6,9 +6,10 @@ residual (one input channel of ``conv_pwl``). Removing the structure zeroes thos
 go with them and cost nothing more: they only fed these columns), so the layer problem is the group form of OBS.
 
 The objective per layer, with H = 2/N Σ x xᵀ (what :class:`~cap_dist.solvers.HessianAccumulator` collects), is
-L(Ŵ) = ½·tr((Ŵ−W) H (Ŵ−W)ᵀ) = ‖(Ŵ−W)X‖²/N. Removing group g (columns g, size k) from the current weight W with
-the inverse curvature Hinv = H⁻¹ (restricted to the columns still present) is, row by row, a quadratic program
-with the constraint δ_g = −w_g; its solution and cost are (Kurtic et al.'s group OBS, oBERT eq. 4-5):
+L(Ŵ) = ½·tr((Ŵ−W) H (Ŵ−W)ᵀ) = ‖(Ŵ−W)X‖²/N. Removing group g (columns g, size k) from the current
+weight W with the inverse curvature Hinv = H⁻¹ (restricted to the columns still present) is, row by row, a
+quadratic program with the constraint δ_g = −w_g; its solution and cost are the group OBS of oBERT (Kurtic et
+al., 2022):
 
     δ = −W[:,g] (Hinv[g,g])⁻¹ Hinv[g,:]                     # W ← W + δ  (columns g become exactly 0)
     ΔL = ½·tr(W[:,g] (Hinv[g,g])⁻¹ W[:,g]ᵀ)                 # summed over the rows
@@ -111,7 +112,7 @@ def remove_group(weight: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -
         coef = torch.linalg.solve(block, wg.T)                            # (Hinv[g,g])⁻¹ W[:,g]ᵀ, [k, out]
         loss = 0.5 * float((wg.T * coef).sum())
         weight.addmm_(coef.T, rows, alpha=-1.0)                           # W ← W − W[:,g](Hinv[g,g])⁻¹Hinv[g,:]
-        hinv.addmm_(rows.T, torch.linalg.solve(block, rows), alpha=-1.0)  # Hinv ← Hinv − Hinv[:,g](..)⁻¹Hinv[g,:]
+        hinv.addmm_(rows.T, torch.linalg.solve(block, rows), alpha=-1.0)  # Hinv −= Hinv[:,g](..)⁻¹Hinv[g,:]
     weight[:, cols] = 0.0                                                 # exact zeros (rounding leaves ~1e-17)
     hinv[cols, :] = 0.0
     hinv[:, cols] = 0.0
