@@ -193,6 +193,10 @@ class StructuredConfig(_Strict):
     damp: float = Field(0.01, ge=0.0)
     damp_mode: Literal["relative", "mean"] = "relative"
     ignore: list[str] = Field(default_factory=list, description="module names (and their children) left whole")
+    mode: Literal["independent", "sequential"] = Field("independent", description=(
+        "independent: every module's groups chosen and re-solved on dense activations; sequential: the counts are "
+        "allocated on dense activations, then each module in model order is re-calibrated on the outputs of the "
+        "modules pruned before it and its groups chosen and re-solved there (one forward pass per module)"))
     multiple_of: int = Field(1, ge=1, description=(
         "every reduced consumer keeps a multiple of this many input columns (8 or 16 suit vector units; an N:M "
         "prune.pattern needs a multiple of M, a quantize.group_size a multiple of it)"))

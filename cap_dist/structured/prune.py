@@ -120,9 +120,14 @@ def prune_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: Structur
     else:
         counts = uniform_counts({s.name: s.groups for s in structures}, valid, unit, budget)
     records = []
-    for s in structures:
-        records.append(_apply(model, s, consumers[s.consumer], accs[s.consumer].hessian(),
-                              curves[s.name].order[:counts[s.name]], costs[s.name], cfg))
+    for s in tqdm(structures, desc=f"structured ({cfg.mode})", unit="module", leave=False):
+        hessian = accs.pop(s.consumer).hessian()
+        order = curves[s.name].order[:counts[s.name]]
+        if cfg.mode == "sequential" and counts[s.name]:    # re-calibrated on the pruned modules before it
+            layer = {s.consumer: consumers[s.consumer]}
+            hessian = collect_hessians(run, layer)[s.consumer].hessian()
+            order = removal_curve(flattened_weight(consumers[s.consumer]), hessian, s, counts[s.name], cfg).order
+        records.append(_apply(model, s, consumers[s.consumer], hessian, order, costs[s.name], cfg))
     saved = sum(unit[n] * k for n, k in counts.items())
     log.info("structured (%s, %s): kept %.1f%% of the %s", cfg.method, cfg.allocation, 100 * (1 - saved / total),
              "MACs" if cfg.measure == "flops" else "parameters")
