@@ -291,6 +291,15 @@ def _stopped(command: str, reason: str) -> str:
     return f"cap-dist {command}: stopped by {reason};{resume}".rstrip(";")
 
 
+def _stop_own_ray() -> None:
+    """A local Ray this process started goes first (its workers stop forwarding log lines), so the one line that
+    says why the run stopped is the last; a cluster the process joined is left alone."""
+    if "ray" in sys.modules:
+        from cap_dist.engines.distributed.local_ray import stop_started
+
+        stop_started()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
@@ -302,9 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Terminated:                                        # SIGTERM: one line, the shell's code for SIGTERM
+        _stop_own_ray()
         print(_stopped(args.command, "SIGTERM"), file=sys.stderr)
         return 143
     except KeyboardInterrupt:                                 # Ctrl-C: one line, the shell's code for SIGINT
+        _stop_own_ray()
         print(_stopped(args.command, "Ctrl-C"), file=sys.stderr)
         return 130
     except (ValueError, ImportError, OSError) as exc:       # bad input: what was wrong and what to do

@@ -5,7 +5,8 @@ dense-with-zeros state dict bit for bit.
     python -c "from cap_dist.compact import compact_from_output; print(compact_from_output('runs/vit4mnist-75'))"
 
 writes ``runs/vit4mnist-75/model.compact.safetensors`` beside ``model.safetensors`` (the manifest is left
-untouched) after checking that it restores every tensor bit-exactly and rebuilds the dense file's sha256.
+untouched) after checking that it restores every tensor bit-exactly and rebuilds the dense file's sha256. A sharded
+output (the Ray engine's) gets one compact file per shard, ``model-00001-of-00004.compact.safetensors``...
 
 Layout (``model.compact.safetensors``, format ``cap-dist-compact`` version 1; also docs/compact-format.md).
 For every compact layer ``L`` (module name; its tensor is ``T = L.weight``, any shape, flattened row-major;
@@ -416,36 +417,62 @@ def _layer_encodings(state: dict[str, torch.Tensor], rows: list[dict], manifest:
     return found
 
 
-def compact_from_output(output_uri: str) -> dict[str, Any]:
-    """Write ``model.compact.safetensors`` into a pruning output folder (or URI) and report its size.
+def compact_name(weights_file: str) -> str:
+    """The compact file beside a dense weights file: ``model.compact.safetensors`` for ``model.safetensors``,
+    ``model-00001-of-00004.compact.safetensors`` for that shard of a sharded output."""
+    return weights_file.removesuffix(".safetensors") + ".compact.safetensors"
 
-    The pruned layers are the manifest's ``layers`` rows; layers the pipeline quantized (rows with
-    ``quant_bits``) are stored as codes and scales when a symmetric grid reproduces them exactly.  The file is
-    checked before it is written: every restored tensor equals the dense file's bit for bit and the rebuilt dense
-    file has the manifest's sha256.  The manifest is not changed.
+
+def compact_from_output(output_uri: str) -> dict[str, Any]:
+    """Write the compact file(s) into a pruning output folder (or URI) and report their size.
+
+    One compact file per dense weights file: ``model.compact.safetensors`` for a single ``model.safetensors``,
+    one per shard for a sharded output (``model-00001-of-00004.compact.safetensors``...), so a sharded model is
+    exported one shard at a time and never held whole. The pruned layers are the manifest's ``layers`` rows;
+    layers the pipeline quantized (rows with ``quant_bits``) are stored as codes and scales when a symmetric grid
+    reproduces them exactly.  Each file is checked before it is written: every restored tensor equals the dense
+    file's bit for bit and the rebuilt dense file has the manifest's sha256.  The manifest is not changed.
 
     Returns:
-        ``{"path", "dense_bytes", "compact_bytes", "ratio", "layers", "quantized_layers"}``.
+        ``{"path", "paths", "dense_bytes", "compact_bytes", "ratio", "layers", "quantized_layers"}`` (``path``:
+        the single compact file, or a pattern naming the shards' ones).
     """
-    from cap_dist.output import WEIGHTS, read_manifest, read_verified
+    from cap_dist.output import INDEX, read_manifest, read_verified, weights_of
+    from cap_dist.shards import open_weights
 
     manifest = read_manifest(output_uri)
-    dense = read_verified(output_uri, WEIGHTS, manifest)
-    state = safetensors_load(dense)
+    root = output_uri.rstrip("/")
     rows = manifest.get("layers", [])
-    layers = [row["layer"] for row in rows]
-    quant = _layer_encodings(state, rows, manifest)
-    blob = export_compact(state, layers, quant, dense=dense)
-    restored = load_compact(blob)
-    if set(restored) != set(state) or not all(_same_bits(restored[k], state[k]) for k in state):
-        raise RuntimeError(f"the compact file of {output_uri} does not restore its dense weights bit-exactly; "
-                           "this is a bug in cap-dist, please report it")
-    if dense_file_from_compact(blob) != dense:
-        raise RuntimeError(f"the compact file of {output_uri} does not rebuild {WEIGHTS}; this is a bug in cap-dist")
-    path = f"{output_uri.rstrip('/')}/{COMPACT}"
-    atomic_write_bytes(path, blob)
-    return {"path": path, "dense_bytes": len(dense), "compact_bytes": len(blob), "ratio": len(blob) / len(dense),
-            "layers": len(layers), "quantized_layers": len(quant)}
+    location = weights_of(root, manifest)
+    if location.endswith(INDEX):
+        read_verified(root, INDEX, manifest)                  # checked before it says which shards to read
+        names = open_weights(location).names
+    else:
+        names = [location.rpartition("/")[2]]                 # checked below, with its bytes
+    totals = {"dense_bytes": 0, "compact_bytes": 0, "layers": 0, "quantized_layers": 0}
+    paths = []
+    for name in names:
+        dense = read_verified(root, name, manifest)
+        state = safetensors_load(dense)
+        here = [row for row in rows if f"{row['layer']}.weight" in state]
+        layers = [row["layer"] for row in here]
+        quant = _layer_encodings(state, here, manifest)
+        blob = export_compact(state, layers, quant, dense=dense)
+        restored = load_compact(blob)
+        if set(restored) != set(state) or not all(_same_bits(restored[k], state[k]) for k in state):
+            raise RuntimeError(f"the compact file of {root}/{name} does not restore its dense weights bit-exactly; "
+                               "this is a bug in cap-dist, please report it")
+        if dense_file_from_compact(blob) != dense:
+            raise RuntimeError(f"the compact file of {root} does not rebuild {name}; this is a bug in cap-dist")
+        path = f"{root}/{compact_name(name)}"
+        atomic_write_bytes(path, blob)
+        paths.append(path)
+        for key, value in (("dense_bytes", len(dense)), ("compact_bytes", len(blob)), ("layers", len(layers)),
+                           ("quantized_layers", len(quant))):
+            totals[key] += value
+        del dense, state, blob, restored
+    pattern = paths[0] if len(paths) == 1 else f"{root}/model-*-of-{len(paths):05d}.compact.safetensors"
+    return {"path": pattern, "paths": paths, **totals, "ratio": totals["compact_bytes"] / totals["dense_bytes"]}
 
 
 def write_compact(output_uri: str, state: dict[str, torch.Tensor], layers: list[str],

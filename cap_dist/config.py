@@ -95,6 +95,9 @@ class PruneConfig(_Strict):
     true_sequential: bool = Field(True, description="sequential mode: inside a block, calibrate each layer on the "
                                                     "outputs of the block's layers pruned before it")
     float64_hessians: bool = True
+    hessian_products: Literal["float32", "float64"] = Field(
+        "float32", description="precision of each calibration chunk's X Xᵀ before it joins the (float64) sum: "
+                               "float32 keeps H within 1e-6 relative on real layers (bench/hessian_precision.py)")
     keep_zeros: bool = Field(True, description="weights already exactly zero stay pruned (gradual pruning keeps "
                                                "earlier masks; OBS updates never revive them)")
     quantize: QuantizeConfig = QuantizeConfig()

@@ -28,12 +28,8 @@ import json
 import math
 import os
 import shutil
-import socket
-import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -41,6 +37,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from cap_dist.engines.distributed.local_ray import local_ray_session
+from cap_dist.interruptible import call_in_thread
 
 if TYPE_CHECKING:
     from cap_dist.config import Recipe
@@ -54,19 +53,6 @@ DEFAULT_OUTPUT = "runs/demo"
 METHODS = ("sparsegpt", "cap")
 MARKER = ".cap-dist-demo"          # marks a folder the demo owns, so a rerun may clear its own subfolders
 OWN_ENTRIES = ("data", "logs", "sparsegpt", "cap", "cap-recovered", "train", "comparison.json", "comparison.png")
-
-# A Ray this demo starts stays on 127.0.0.1: no usage reports, no token auth, no cloud-metadata probes (also
-# Ray Train's preemption watcher), the node on loopback. See ../shared/ray-local.env and tests/conftest.py.
-LOCAL_ONLY = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "HF_HUB_OFFLINE": "1",
-}
-
 
 class DemoError(ValueError):
     """Input the demo cannot run with (a sparsity outside (0, 1), an output folder that is not the demo's)."""
@@ -141,65 +127,6 @@ def _prune_with_engine(recipe: Recipe, log_path: Path) -> ModelOutput:
 # Ray
 
 
-def _loopback_interface() -> str | None:
-    """The loopback interface's name (``lo`` on Linux, ``lo0`` on macOS) for gloo, which Ray Train's CPU
-    workers use; without it gloo binds to the external interface."""
-    names = {name for _, name in socket.if_nameindex()}
-    return next((n for n in ("lo", "lo0") if n in names), None)
-
-
-@contextlib.contextmanager
-def ray_session(num_cpus: int) -> Iterator[bool]:
-    """A Ray for the demo: the one this process is already connected to (a test's cluster, a ``ray job``
-    driver), left running; otherwise a new local one on 127.0.0.1, shut down on the way out (also after an
-    error or Ctrl-C). Yields whether the demo started it.
-
-    A new one gets the :data:`LOCAL_ONLY` settings *before Ray is imported* (Ray reads the node-address switch
-    once, at import: imported earlier, it puts the node on the external interface even when told 127.0.0.1), an
-    explicit CPU count (actors that ask for more fail at once instead of waiting), a short temporary folder
-    (Ray's socket paths are limited to 107 characters) and, for its lifetime, a HOME holding an empty
-    ``ray_bootstrap_config.yaml`` (without it Ray's dashboard process probes the cloud-metadata address).
-
-    Raises:
-        DemoError: Ray was imported before without these settings, or the node did not come up on 127.0.0.1.
-    """
-    imported = sys.modules.get("ray")
-    if imported is not None and imported.is_initialized():
-        yield False
-        return
-    if imported is not None and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
-        raise DemoError("Ray was imported before the demo could keep it on 127.0.0.1; run `cap-dist demo` in a "
-                        "fresh process, or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray")
-    home = tempfile.mkdtemp(prefix="cap-dist-demo-home-")
-    Path(home, "ray_bootstrap_config.yaml").write_text("{}\n")
-    temp_dir = tempfile.mkdtemp(prefix="cdr", dir="/tmp" if os.path.isdir("/tmp") else None)
-    settings = {**LOCAL_ONLY, "HOME": home}
-    loopback = _loopback_interface()
-    if loopback and "GLOO_SOCKET_IFNAME" not in os.environ:
-        settings["GLOO_SOCKET_IFNAME"] = loopback
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)                   # Ray's processes (and Ray Train's workers) inherit them
-    import ray
-
-    try:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir,
-                 _node_ip_address="127.0.0.1", logging_level="ERROR", log_to_driver=False)
-        node = ray.util.get_node_ip_address()
-        if node != "127.0.0.1":
-            raise DemoError(f"the local Ray came up on {node}, not 127.0.0.1; the demo stops rather than use "
-                            "the network")
-        yield True
-    finally:
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        shutil.rmtree(home, ignore_errors=True)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 def _cpus_per_process() -> int:
     """CPUs for each of the two actors and each of the two training workers: half of what both this machine
     and the cluster have (never oversubscribing this machine from a larger logical cluster), at least 1."""
@@ -210,31 +137,11 @@ def _cpus_per_process() -> int:
 
 
 def run_beside(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn(*args, **kwargs)`` in a helper thread while this thread shows the elapsed time; returns its result or
-    raises its error.
-
-    Why a thread: Ray Train V2's ``fit()``, called from the main thread, replaces the process's SIGINT handler
-    (for good) with one that asks its controller to abort and then calls ``sys.exit`` — Ctrl-C would end the demo
-    silently with status 1. From another thread it registers nothing, so Ctrl-C stays a ``KeyboardInterrupt``
-    here, and the demo's Ray shutdown ends the run and its workers.
-    """
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = fn(*args, **kwargs)
-        except BaseException as err:  # handed to the main thread as it is
-            outcome["error"] = err
-
-    worker = threading.Thread(target=target, name=f"cap-dist-demo {what}", daemon=True)
-    worker.start()
+    """``fn(*args, **kwargs)`` in a helper thread (:func:`cap_dist.interruptible.call_in_thread`: Ray Train's
+    ``fit()`` would otherwise take Ctrl-C for itself) while this thread shows the elapsed time; returns its result
+    or raises its error."""
     with tqdm(desc=what, bar_format="{desc}: {elapsed} elapsed", leave=False) as bar:
-        while worker.is_alive():
-            worker.join(timeout=1.0)              # short waits: Ctrl-C reaches this thread between them
-            bar.refresh()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+        return call_in_thread(f"cap-dist-demo {what}", fn, *args, tick=bar.refresh, **kwargs)
 
 
 def close_progress_bars() -> None:
@@ -511,7 +418,7 @@ def _prune_and_recover(sparsity: float, data: DemoData, output: Path, size: Demo
     from cap_dist.output import read_manifest
 
     mark = time.perf_counter()
-    with ray_session(num_cpus=max(2, os.cpu_count() or 1)) as started_ray:
+    with local_ray_session(num_cpus=max(2, os.cpu_count() or 1)) as started_ray:
         import ray
 
         cpus = _cpus_per_process()

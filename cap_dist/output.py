@@ -1,5 +1,9 @@
-"""The pruning output: ``model.safetensors`` (sparse weights), ``report.parquet`` (per-layer rows) and
-``sparsity.json`` (per-layer rows, the recipe and its hash, timings, and the sha256 of every file).
+"""The pruning output: the sparse weights, ``report.parquet`` (per-layer rows), ``model.json`` and
+``sparsity.json`` (per-layer rows, the recipe and its hash, timings, and the sha256 and size of every file).
+
+The weights are one ``model.safetensors`` (the local engine, which holds the whole model anyway) or safetensors
+shards plus ``model.safetensors.index.json`` (the Ray engine: each actor writes its own shard, so no process
+holds the whole model; :mod:`cap_dist.shards`). The manifest's ``weights`` names which; every reader takes both.
 
 ``sparsity.json`` is written last: it is the commit record.  A folder without it, or whose files do not
 match its checksums, is not a finished output; :func:`load_sparse` says which file is wrong.
@@ -15,23 +19,24 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
+import torch
 from torch import nn
 
 from cap_dist.config import Recipe, recipe_from_dict
 from cap_dist.models.source import ModelSource
+from cap_dist.shards import (INDEX, SINGLE, CorruptOutputError, WeightFiles, WrittenFile, index_bytes,
+                             load_weight_subset, load_weights, open_weights, write_safetensors)
 from cap_dist.storage import atomic_write_bytes, read_bytes
 from cap_dist.version import __version__
 
 MANIFEST = "sparsity.json"
-WEIGHTS = "model.safetensors"
+WEIGHTS = SINGLE
 REPORT = "report.parquet"
 MODEL_JSON = "model.json"
 
-
-class CorruptOutputError(ValueError):
-    """An output folder whose files are missing or do not match the manifest's checksums."""
+__all__ = ["CorruptOutputError", "INDEX", "MANIFEST", "MODEL_JSON", "REPORT", "WEIGHTS", "load_output_weights",
+           "check_output_sizes", "load_output_subset", "load_sparse", "prepare_output", "read_manifest", "read_report", "read_verified",
+           "weights_digest", "weights_of", "write_output"]
 
 
 class OutputTargetError(ValueError):
@@ -97,29 +102,51 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_output(recipe: Recipe, state: dict, rows: list[dict[str, Any]], input_spec: dict[str, Any],
-                 timings: dict[str, float], extra: dict[str, Any] | None = None,
-                 extra_files: dict[str, str] | None = None, source: ModelSource | None = None) -> dict[str, Any]:
+def write_output(recipe: Recipe, state: dict[str, torch.Tensor] | None, rows: list[dict[str, Any]],
+                 input_spec: dict[str, Any], timings: dict[str, float], extra: dict[str, Any] | None = None,
+                 extra_files: dict[str, str] | None = None, source: ModelSource | None = None,
+                 shards: list[WrittenFile] | None = None,
+                 structured: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write weights, report and (last) the manifest; the same layout from every engine.
 
+    ``state``: the whole model, written as one ``model.safetensors``; or None with ``shards``: the shard files
+    the caller's workers already wrote into the output (each with its sha256), for which only the index is
+    written here — this process never sees their tensors.
     ``extra``: further manifest keys (``engine``, the Ray engine's actors and plan, a finetune's facts).
     ``extra_files``: ``{name: sha256}`` of further files the caller already wrote under the output (a finetune
     run's ``metrics.parquet`` and ``curves.png``), listed in the manifest and checked like the others.
-    ``source``: the recipe's model source, already parsed (parsed here otherwise)."""
+    ``source``: the recipe's model source, already parsed (parsed here otherwise).
+    ``structured``: reduced shapes to record in ``model.json`` (a sharded write of a structured model; a whole
+    ``state`` records its own)."""
+    if (state is None) == (shards is None):
+        raise ValueError("write_output takes the whole state or the written shards, exactly one of them")
     root = recipe.output
     source = source if source is not None else ModelSource.of(recipe.model)
     table = pa.Table.from_pylist(rows) if rows else pa.table({"layer": pa.array([], pa.string())})
     sink = io.BytesIO()
     pq.write_table(table, sink)
     digests: dict[str, str] = dict(extra_files or {})
+    sizes: dict[str, int] = {}
     written: list[str] = []
     try:
-        digests[WEIGHTS] = _write_weights(_join(root, WEIGHTS), state)
-        written.append(WEIGHTS)
+        if shards is None:
+            weights = WEIGHTS
+            single = write_safetensors(_join(root, WEIGHTS), state)
+            digests[WEIGHTS], sizes[WEIGHTS] = single.sha256, single.size
+            written.append(WEIGHTS)
+        else:
+            weights = INDEX
+            _check_shards_on_store(root, shards)
+            for shard in shards:
+                digests[shard.name], sizes[shard.name] = shard.sha256, shard.size
+            index = index_bytes(shards)
+            atomic_write_bytes(_join(root, INDEX), index)
+            digests[INDEX], sizes[INDEX] = _sha256(index), len(index)
+            written.append(INDEX)
         atomic_write_bytes(_join(root, REPORT), sink.getvalue())
         digests[REPORT] = _sha256(sink.getvalue())
         written.append(REPORT)
-        spec = json.dumps(_model_json(source, input_spec, state), indent=1).encode()
+        spec = json.dumps(_model_json(source, input_spec, weights, state, structured), indent=1).encode()
         atomic_write_bytes(_join(root, MODEL_JSON), spec)
         digests[MODEL_JSON] = _sha256(spec)
         written.append(MODEL_JSON)
@@ -136,57 +163,63 @@ def write_output(recipe: Recipe, state: dict, rows: list[dict[str, Any]], input_
         "sparsity": sum(r["sparsity"] * r["numel"] for r in rows) / numel if numel else 0.0,
         "timings": timings,
         "layers": rows,
+        "weights": weights,
         "files": digests,
+        "sizes": sizes,
         **(extra or {}),
     }
     atomic_write_bytes(_join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
+    _remove_stale_weights(root, keep={weights, *(s.name for s in shards or [])})
     return manifest
 
 
-def _model_json(source: ModelSource, input_spec: dict[str, Any], state: dict) -> dict[str, Any]:
+def _model_json(source: ModelSource, input_spec: dict[str, Any], weights: str,
+                state: dict[str, torch.Tensor] | None, structured: dict[str, Any] | None) -> dict[str, Any]:
     """The output's ``model.json``; where structured pruning made modules smaller than the source's, their shapes
-    go under ``structured`` so the output rebuilds (:func:`load_sparse`, or as a model source)."""
+    go under ``structured`` so the output rebuilds (:func:`load_sparse`, or as a model source). Sharded writes
+    (``state`` None) record the shapes their caller passes."""
     from cap_dist.models.structures import infer_structure_shapes
 
-    model_json = source.output_model_json(input_spec, WEIGHTS)
-    shapes = infer_structure_shapes(source.meta_skeleton(), state)
+    model_json = source.output_model_json(input_spec, weights)
+    shapes = dict(structured or {})
+    if state is not None:
+        shapes.update(infer_structure_shapes(source.meta_skeleton(), state))
     if shapes:
         model_json["structured"] = {**model_json.get("structured", {}), **shapes}
     return model_json
 
 
-def _write_weights(uri: str, state: dict) -> str:
-    """Write the weights atomically and return their sha256.  Local files are written straight from the
-    tensors (no second in-memory copy of a multi-GB model); other URIs go through bytes."""
-    import os
-    import tempfile
+def _check_shards_on_store(root: str, shards: list[WrittenFile]) -> None:
+    """Each shard a worker reported is where it said, with the size it said (one listing: cheap; the sha256
+    each writer computed is checked by every reader that reads the whole file)."""
+    import fsspec
+
+    from cap_dist.storage import storage_errors
+
+    with storage_errors(root):
+        fs, path = fsspec.core.url_to_fs(root)
+        listing = {entry["name"].rstrip("/").rpartition("/")[2]: entry.get("size")
+                   for entry in fs.ls(path, detail=True)}
+    for shard in shards:
+        if shard.name not in listing:
+            raise CorruptOutputError(f"{_join(root, shard.name)} is missing: its writer reported it written")
+        if listing[shard.name] is not None and int(listing[shard.name]) != shard.size:
+            raise CorruptOutputError(f"{_join(root, shard.name)} has {int(listing[shard.name]):,} bytes where its "
+                                     f"writer wrote {shard.size:,}")
+
+
+def _remove_stale_weights(root: str, keep: set[str]) -> None:
+    """Weights files of an earlier layout in the folder (a single file where shards now are, shards of another
+    count) go once the new manifest is committed, so nothing in the folder contradicts it."""
+    import re
 
     import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-    from safetensors.torch import save_file
 
-    fs, path = fsspec.core.url_to_fs(uri)
-    meta = {"format": "pt"}       # one key: safetensors writes metadata in per-process hash order, so identical
-    #                                runs would write different bytes with two (the version is in the manifest)
-    if not isinstance(fs, LocalFileSystem):
-        data = safetensors_save(state, meta)
-        atomic_write_bytes(uri, data)
-        return _sha256(data)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".model.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, meta)
-        digest = hashlib.sha256()
-        with open(tmp, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                digest.update(chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return digest.hexdigest()
+    fs, path = fsspec.core.url_to_fs(root)
+    pattern = re.compile(r"^(model\.safetensors|model\.safetensors\.index\.json|model-\d{5}-of-\d{5}\.safetensors)$")
+    stale = [name for name in (p.rstrip("/").rpartition("/")[2] for p in fs.ls(path, detail=False))
+             if pattern.match(name) and name not in keep]
+    _remove(root, stale)
 
 
 def _remove(root: str, names: list[str]) -> None:
@@ -223,23 +256,92 @@ def read_verified(uri: str, name: str, manifest: dict[str, Any]) -> bytes:
     return data
 
 
+def weights_of(uri: str, manifest: dict[str, Any]) -> str:
+    """The URI of an output's weights: its single file or its shards' index (outputs written before sharding
+    have no ``weights`` key and always one ``model.safetensors``)."""
+    return _join(uri, manifest.get("weights", WEIGHTS))
+
+
+def load_output_weights(uri: str, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor of an output, each file (the single file, or every shard and the index) checked against the
+    manifest's sha256 and size first: a truncated or tampered shard is a :class:`CorruptOutputError` naming it."""
+    location = weights_of(uri, manifest)
+    if location.endswith(INDEX):
+        read_verified(uri, INDEX, manifest)           # the index itself: a tampered weight_map is caught here
+    try:
+        return load_weights(location, manifest.get("files"), manifest.get("sizes"))
+    except FileNotFoundError:
+        raise CorruptOutputError(f"{location} is missing but listed in {MANIFEST}") from None
+
+
+def load_output_subset(uri: str, manifest: dict[str, Any], keys: list[str]) -> dict[str, torch.Tensor]:
+    """Only ``keys`` of an output's weights, by ranged reads of the files that hold them. A whole-file checksum
+    would cost a whole read, so each file's size is checked against the manifest instead (a truncated or
+    replaced shard is an error naming it); :func:`load_output_weights` checks the sha256."""
+    files = check_output_sizes(uri, manifest, keys)
+    return load_weight_subset(files.uri, keys)
+
+
+def check_output_sizes(uri: str, manifest: dict[str, Any], keys: list[str] | None = None) -> WeightFiles:
+    """Check that each weights file holding ``keys`` (default: all) exists with the size the manifest records
+    (one metadata request per file: what ranged readers can afford); returns the weights' layout."""
+    import fsspec
+
+    from cap_dist.storage import storage_errors
+
+    files = open_weights(weights_of(uri, manifest))
+    sizes = manifest.get("sizes", {})
+    for name in files.keys_by_file(keys):
+        target = files.file_uri(name)
+        with storage_errors(target):
+            fs, path = fsspec.core.url_to_fs(target)
+            if not fs.exists(path):
+                raise CorruptOutputError(f"{target} is missing but listed in {files.uri}")
+            size = fs.size(path)
+        if name in sizes and size != sizes[name]:
+            raise CorruptOutputError(f"{target} is corrupt: {size:,} bytes where {sizes[name]:,} were written "
+                                     "(truncated or replaced); copy it again or rerun the job")
+    return files
+
+
+def weights_digest(manifest: dict[str, Any]) -> str | None:
+    """One sha256 standing for an output's weights: the single file's, or for shards the sha256 of their names
+    and digests (what a finetune run's name and record cite as its student)."""
+    files = manifest.get("files", {})
+    if manifest.get("weights", WEIGHTS) == WEIGHTS:
+        return files.get(WEIGHTS)
+    shards = sorted((name, digest) for name, digest in files.items() if name.startswith("model-"))
+    return _sha256(json.dumps(shards).encode()) if shards else None
+
+
+def structure_shapes_of(uri: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The reduced shapes of a structured prune recorded in the output's ``model.json`` (empty for others)."""
+    if MODEL_JSON not in manifest.get("files", {}):
+        return {}
+    return json.loads(read_verified(uri, MODEL_JSON, manifest)).get("structured") or {}
+
+
+def output_skeleton(uri: str, manifest: dict[str, Any]) -> nn.Module:
+    """The randomly initialised module an output's weights fit: its recipe's model, with the smaller modules of a
+    structured prune (build it under ``torch.device("meta")`` to allocate nothing)."""
+    from cap_dist.models.structures import apply_structure_shapes
+
+    recipe = recipe_from_dict(manifest["recipe"], _join(uri, MANIFEST))
+    model = ModelSource.of(recipe.model).skeleton()
+    apply_structure_shapes(model, structure_shapes_of(uri, manifest))
+    return model
+
+
 def load_sparse(uri: str) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a pruned model from an output folder or URI.
+    """Rebuild a pruned model from an output folder or URI (single file or sharded).
 
     Returns:
         (model in eval mode with the sparse weights, the manifest).
     """
     manifest = read_manifest(uri)
-    recipe = recipe_from_dict(manifest["recipe"], _join(uri, MANIFEST))
-    model = ModelSource.of(recipe.model).skeleton()
-    if MODEL_JSON in manifest.get("files", {}):      # smaller modules of a structured prune, if any
-        from cap_dist.models.structures import apply_structure_shapes
-
-        shapes = json.loads(read_verified(uri, MODEL_JSON, manifest)).get("structured")
-        if shapes:
-            apply_structure_shapes(model, shapes)
-    state = safetensors_load(read_verified(uri, WEIGHTS, manifest))
-    model.load_state_dict({k: v for k, v in state.items()}, strict=True)
+    model = output_skeleton(uri, manifest)
+    state = load_output_weights(uri, manifest)
+    model.load_state_dict(state, strict=True)
     return model.eval(), manifest
 
 

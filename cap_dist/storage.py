@@ -272,32 +272,45 @@ def _parse_header(raw_header: bytes, where: str) -> dict:
     return header
 
 
-def load_tensor_subset(uri: str, keys: list[str]) -> dict[str, torch.Tensor]:
+def load_tensor_subset(uri: str, keys: list[str],
+                       rows: dict[str, tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
     """Read only ``keys`` from a safetensors file, local or remote, with ranged reads (no whole-file fetch).
 
-    Each actor of the distributed engine reads just the weights of its own blocks this way.
+    Each actor of the distributed engine reads just the weights of its own blocks this way. ``rows``:
+    ``{key: (start, stop)}`` reads only those rows (along dim 0) of a tensor, one contiguous byte range: a
+    finetune worker's FSDP shard of a parameter.
     """
     header = safetensors_header(uri)
     start = header["__data_start__"]
+    rows = rows or {}
     missing = [k for k in keys if k not in header]
     if missing:
         raise KeyError(f"{uri} has no tensors {missing[:5]}")
     out: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
     with storage_errors(uri):
         fs, path = _fs(uri)
         with fs.open(path, "rb") as f:
             chunks: dict[str, bytearray] = {}
             for key in sorted(keys, key=lambda k: header[k]["data_offsets"][0]):
                 begin, end = header[key]["data_offsets"]
+                shape = list(header[key]["shape"])
+                if key in rows:
+                    first, stop = rows[key]
+                    if not shape or not 0 <= first <= stop <= shape[0]:
+                        raise ValueError(f"{uri}: rows {first}..{stop} are outside tensor {key!r} of shape {shape}")
+                    row_bytes = (end - begin) // shape[0] if shape[0] else 0
+                    begin, end = begin + first * row_bytes, begin + stop * row_bytes
+                    shape[0] = stop - first
+                shapes[key] = shape
                 f.seek(start + begin)
                 chunks[key] = bytearray(f.read(end - begin))
                 if len(chunks[key]) != end - begin:
                     raise ValueError(f"{uri} is truncated: tensor {key!r} needs bytes {begin}..{end} of its data")
     for key, raw in chunks.items():
-        info = header[key]
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        out[key] = torch.frombuffer(raw, dtype=dtype).reshape(info["shape"]) if raw else torch.empty(
-            info["shape"], dtype=dtype)
+        dtype = _SAFETENSORS_DTYPES[header[key]["dtype"]]
+        out[key] = torch.frombuffer(raw, dtype=dtype).reshape(shapes[key]) if raw else torch.empty(
+            shapes[key], dtype=dtype)
     return out
 
 

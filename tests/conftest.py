@@ -12,19 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from cap_dist.engines.distributed.local_ray import LOCAL_ONLY as PACKAGE_LOCAL_ONLY  # imports no Ray
+
 LOCAL_ONLY = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "AWS_EC2_METADATA_DISABLED": "true",
+    **PACKAGE_LOCAL_ONLY,
+    # Tests only: the local S3 server (moto) takes any credentials; boto must find some without looking further.
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    # No model hub traffic from tests: a hub lookup fails at once instead of reaching out.
-    "HF_HUB_OFFLINE": "1",
     # torch.distributed's gloo (FSDP2 on CPU, Ray Train workers) binds to loopback, not the external interface.
     "GLOO_SOCKET_IFNAME": "lo",
 }

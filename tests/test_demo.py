@@ -144,21 +144,3 @@ def test_ctrl_c_ends_with_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pyte
     from tqdm.std import tqdm as base
 
     assert not list(base._instances)
-
-
-
-def test_ray_imported_without_local_settings_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ray reads its node-address switch at import: imported without it, a 'local' node would sit on the
-    external interface, so the demo refuses before starting anything."""
-    import ray
-
-    # The test run's shared Ray may already be up in this process; the demo would then use it. Stand in for a
-    # process where it is not: the refusal comes before the demo would start (or touch) any Ray.
-    started: list[bool] = []
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append(True))
-    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
-    with pytest.raises(demo.DemoError, match="imported before the demo could keep it on 127.0.0.1"):
-        with demo.ray_session(2):
-            pass
-    assert not started

@@ -74,8 +74,8 @@ def test_quick_demo_end_to_end(ray_cluster, tmp_path: Path, capsys: pytest.Captu
 def test_demo_ray_is_on_loopback_in_a_bare_environment(tmp_path: Path) -> None:
     """`python -m cap_dist demo` in a shell without any Ray settings: the Ray it starts sits on 127.0.0.1 (its
     own settings are in place before Ray is imported) and is gone afterwards."""
-    script = ("import cap_dist.demo as d\n"
-              "with d.ray_session(2) as started:\n"
+    script = ("from cap_dist.engines.distributed.local_ray import local_ray_session\n"
+              "with local_ray_session(2) as started:\n"
               "    import ray\n"
               "    print(started, ray.util.get_node_ip_address(), ray.nodes()[0]['NodeManagerAddress'])\n"
               "print(ray.is_initialized())\n")

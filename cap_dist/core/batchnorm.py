@@ -56,6 +56,27 @@ def measuring_batchnorm(model: nn.Module) -> Iterator[dict[str, nn.Module]]:
                         getattr(m, k).copy_(v)
 
 
+@contextmanager
+def unchanged_batchnorm(model: nn.Module) -> Iterator[None]:
+    """Inside: the model's BatchNorm layers normalise each batch by its own statistics (train mode), as they do
+    while measuring, but their running statistics come out as they went in. A batch that a Ray actor has
+    measured already, streamed again for a replacement further down the chain, must give the same output and
+    must not be counted twice."""
+    layers = batchnorm_layers(model)
+    saved = [(m, m.training, {k: v.clone() for k, v in m.named_buffers(recurse=False) if v is not None})
+             for m in layers]
+    try:
+        for m in layers:
+            m.train()
+        yield
+    finally:
+        with torch.no_grad():
+            for m, training, buffers in saved:
+                m.train(training)
+                for k, v in buffers.items():
+                    getattr(m, k).copy_(v)
+
+
 def measured_keys(ran: dict[str, nn.Module]) -> list[str]:
     """The state-dict keys of the statistics of these (re-estimated) BatchNorm layers."""
     return [f"{name}.{buffer}" for name, m in ran.items() for buffer, value in m.named_buffers(recurse=False)

@@ -66,8 +66,10 @@ def peek_curvature(acc: Accumulator) -> torch.Tensor:
 
 
 def dense_curvature(model: nn.Module, layers: dict[str, nn.Module], batches: list[Batch], curvature: str,
-                    fisher_block: int, seed: int, float64: bool) -> dict[str, Accumulator]:
+                    fisher_block: int, seed: int, float64: bool, float32_products: bool = False
+                    ) -> dict[str, Accumulator]:
     """Every layer's curvature on the dense model in one pass over the calibration batches."""
     if curvature == "fisher":
         return collect_fisher(model, layers, batches, fisher_block, seed, float64)
-    return collect_hessians(lambda: [model(x) for x, _ in batches], layers, float64)
+    return collect_hessians(lambda: [model(x) for x, _ in batches], layers, float64,
+                            float32_products=float32_products)

@@ -64,6 +64,9 @@ def prune(recipe: Recipe | str, overrides: list[str] | None = None, *, write: bo
         from cap_dist.engines.local import prune_local
 
         return prune_local(recipe, source, write=write)
+    from cap_dist.engines.distributed.local_ray import connect
+
+    connect(recipe)                          # before the driver imports Ray: a local Ray of ours stays on 127.0.0.1
     from cap_dist.engines.distributed.driver import prune_distributed
 
     return prune_distributed(recipe, source, write=write)

@@ -41,7 +41,7 @@ def prune_model(recipe: Recipe, model: nn.Module, batches: list[Batch],
     if cfg.mode == "independent" or needs_loss_curves(cfg):
         start = time.perf_counter()
         dense = dense_curvature(model, layers, batches, cfg.curvature, cfg.fisher_block_size, recipe.calibration.seed,
-                                cfg.float64_hessians)
+                                cfg.float64_hessians, cfg.hessian_products == "float32")
         timings["calibrate"] += time.perf_counter() - start
     curves = None
     if needs_loss_curves(cfg):

@@ -8,7 +8,7 @@ zero before the step is zero in the pruned and in the finetuned model.
 
 Layout under ``recipe.output``::
 
-    step-1-of-4/pruned/      pruning output at s_1 (model.json, model.safetensors, report.parquet, sparsity.json)
+    step-1-of-4/pruned/      pruning output at s_1 (model.json, weights, report.parquet, sparsity.json)
     step-1-of-4/finetuned/   finetuning output (same format + metrics.parquet, curves.png)
     ...
     train/                   Ray Train checkpoints (finetune.storage_path)
@@ -30,7 +30,7 @@ import torch
 from cap_dist.config import ModelConfig, Recipe
 from cap_dist.config import ScheduleConfig
 from cap_dist.finetune.schedule import schedule_sparsities
-from cap_dist.storage import atomic_write_bytes, load_tensor_subset
+from cap_dist.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,11 @@ def _prune(step: Recipe) -> dict[str, Any]:
 
 
 def _layer_weights(uri: str, layers: list[str]) -> dict[str, torch.Tensor]:
-    return load_tensor_subset(f"{uri.rstrip('/')}/model.safetensors", [f"{name}.weight" for name in layers])
+    """The pruned layers' weights of an output (single file or sharded), by ranged reads of the files holding
+    them; each file's size is checked against the manifest first (a truncated shard is named, not misread)."""
+    from cap_dist.output import load_output_subset, read_manifest
+
+    return load_output_subset(uri, read_manifest(uri), [f"{name}.weight" for name in layers])
 
 
 def check_masks_kept(before_uri: str, after_uri: str, layers: list[str]) -> int:

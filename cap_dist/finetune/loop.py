@@ -10,7 +10,9 @@ CPU, NCCL on GPU). The order of one optimizer step:
 Launched by :func:`cap_dist.finetune.trainer.finetune`; the loop's ``config`` is a plain dict (it crosses to
 the workers): ``recipe`` (the recipe as JSON), ``student`` (pruning output URI), ``output`` (where rank 0
 writes the finetuned model), ``step_index``, ``sparsity``, ``run_name``, ``storage_path``, ``cwd`` (the driver's
-directory, against which a recipe's relative paths resolve) and, for tests, ``inject_failure``.
+directory, against which a recipe's relative paths resolve), ``load`` (``sharded``: each rank reads its own rows;
+``rank0``: rank 0 reads all and broadcasts) and, for tests, ``inject_failure``. No worker holds the whole model:
+see :mod:`cap_dist.finetune.sharded_io`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -29,7 +32,7 @@ from torch import nn
 from cap_dist.config import Recipe
 from cap_dist.finetune.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from cap_dist.finetune.losses import NoLabelsError, combined_loss
-from cap_dist.finetune.masks import MaskedParameters, masks_from_model, pruned_layer_names, shard_masks
+from cap_dist.finetune.masks import MaskedParameters, local_masks, pruned_layer_names
 from cap_dist.finetune.schedule import linear_schedule
 
 log = logging.getLogger(__name__)
@@ -55,20 +58,48 @@ def model_kind(model: nn.Module) -> str:
     return "encoder" if getattr(model, "num_classes", None) == 0 else "classifier"
 
 
-def load_student(uri: str) -> tuple[nn.Module, dict[str, Any]]:
-    """The sparse model of a pruning output (checksums verified) and its manifest."""
-    from cap_dist.output import load_sparse
+def load_student(uri: str, manifest: dict[str, Any], worker: Worker, ft: Any, load: str = "sharded") -> nn.Module:
+    """The sparse model of a pruning output (single file or sharded), built on meta and FSDP2-sharded, each rank
+    holding only its rows (:mod:`cap_dist.finetune.sharded_io`).
 
-    return load_sparse(uri)
+    ``load="sharded"``: each rank reads its rows by ranged reads (every file's size checked against the
+    manifest; the sha256 needs a whole read and is checked by ``load_sparse``); ``"rank0"``: rank 0 reads the
+    whole output (every checksum verified) and broadcasts."""
+    from cap_dist.finetune.sharded_io import broadcast_from_rank0, build_sharded
+    from cap_dist.output import check_output_sizes, load_output_weights, output_skeleton, weights_of
+
+    skeleton = partial(output_skeleton, uri, manifest)         # the smaller modules of a structured prune, if any
+    place = _placement(worker, ft)
+    if load == "rank0":
+        return broadcast_from_rank0(skeleton, lambda m: shard_model(m, worker.mesh, ft), place, worker.rank,
+                                    lambda: load_output_weights(uri, manifest))
+    check_output_sizes(uri, manifest)
+    return build_sharded(skeleton, lambda m: shard_model(m, worker.mesh, ft), place, weights_of(uri, manifest))
 
 
-def load_teacher(recipe: Recipe) -> nn.Module:
-    """The dense model the recipe names, frozen, in eval mode (distillation target)."""
+def load_teacher(recipe: Recipe, worker: Worker, load: str = "sharded") -> nn.Module:
+    """The dense model the recipe names, frozen, in eval mode (distillation target), sharded like the student
+    (a source without a safetensors file, the small model packaged on PyPI, is loaded whole and cut)."""
+    from cap_dist.finetune.sharded_io import broadcast_from_rank0, build_sharded
     from cap_dist.models.source import ModelSource
 
-    teacher = ModelSource.of(recipe.model).load()
+    ft = recipe.finetune
+    source = ModelSource.of(recipe.model)
+    place = _placement(worker, ft)
+    shard = lambda m: shard_model(m, worker.mesh, ft)  # noqa: E731
+    if load == "rank0":
+        teacher = broadcast_from_rank0(source.skeleton, shard, place, worker.rank, lambda: source.load().state_dict())
+    elif source.ranged_weights is None:
+        teacher = build_sharded(source.skeleton, shard, place, None, full=source.load().state_dict())
+    else:
+        teacher = build_sharded(source.skeleton, shard, place, source.ranged_weights)
     teacher.requires_grad_(False)
     return teacher.eval()
+
+
+def _placement(worker: Worker, ft: Any) -> torch.device:
+    """Where the local shards live: the host with FSDP2's CPU offload, else the worker's device."""
+    return torch.device("cpu") if ft.cpu_offload else worker.device
 
 
 def shard_model(model: nn.Module, mesh: Any, ft: Any) -> nn.Module:
@@ -274,8 +305,7 @@ class Run:
     student: nn.Module
     teacher: nn.Module | None
     manifest: dict[str, Any]
-    masks: dict[str, torch.Tensor]          # full masks (checked against the consolidated weights at the end)
-    masked: MaskedParameters                # the same masks as local shards, applied every step
+    masked: MaskedParameters                # the masks as local shards, applied every step, checked at the end
     kind: str
     loader: Any
     sampler: Any
@@ -286,35 +316,33 @@ class Run:
     last_epoch: int
 
 
-def setup_run(recipe: Recipe, student_uri: str, worker: Worker) -> Run:
-    """Load student (pruning output) and teacher (dense), take the masks, open the data, shard both models with
-    FSDP2, and build AdamW with its schedule over this run's optimizer steps."""
+def setup_run(recipe: Recipe, student_uri: str, worker: Worker, load: str = "sharded") -> Run:
+    """Build student (pruning output) and teacher (dense) sharded with FSDP2, each rank reading only its rows
+    (``load``: see :func:`load_student`), take the masks from the local rows, open the data, and build AdamW
+    with its schedule over this run's optimizer steps."""
     from cap_dist.finetune.data import train_loader
+    from cap_dist.output import read_manifest
 
     ft = recipe.finetune
-    student, manifest = load_student(student_uri)
+    manifest = read_manifest(student_uri)
     input_spec = dict(manifest["input"])
-    masks = masks_from_model(student, pruned_layer_names(student, manifest, recipe.model.targets,
-                                                         recipe.model.ignore))
-    teacher = load_teacher(recipe) if ft.distill.weight > 0 or recipe.evaluation is not None else None
     loader, sampler, dataset = train_loader(ft.data, input_spec, worker.rank, worker.world, ft.seed)
     if ft.distill.weight < 1 and dataset.labelled == 0:
         raise NoLabelsError(f"finetune.distill.weight={ft.distill.weight} < 1 mixes in a label loss, but none of "
                             f"the {len(dataset)} training images of {ft.data.uri} has a label; use "
                             "finetune.distill.weight=1 (distillation alone) for label-free data")
-    for model in (student, teacher):
-        if model is not None:
-            shard_model(model.to(worker.device), worker.mesh, ft)
+    student = load_student(student_uri, manifest, worker, ft, load)
+    masked = local_masks(student, pruned_layer_names(student, manifest, recipe.model.targets, recipe.model.ignore))
+    teacher = load_teacher(recipe, worker, load) if ft.distill.weight > 0 or recipe.evaluation is not None else None
     steps_per_epoch = len(loader)
     total_steps = ft.epochs * steps_per_epoch if ft.max_steps is None else min(ft.epochs * steps_per_epoch,
                                                                                ft.max_steps)
     optimizer = build_optimizer(student, ft)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, ft.warmup_steps,
                                                                              ft.min_lr / ft.lr))
-    return Run(recipe=recipe, worker=worker, student=student, teacher=teacher, manifest=manifest, masks=masks,
-               masked=shard_masks(masks, dict(student.named_parameters())), kind=model_kind(student),
-               loader=loader, sampler=sampler, eval_set=open_eval_images(recipe, input_spec), optimizer=optimizer,
-               scheduler=scheduler, total_steps=total_steps,
+    return Run(recipe=recipe, worker=worker, student=student, teacher=teacher, manifest=manifest, masked=masked,
+               kind=model_kind(student), loader=loader, sampler=sampler, eval_set=open_eval_images(recipe, input_spec),
+               optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
                last_epoch=min(ft.epochs, math.ceil(total_steps / steps_per_epoch)))
 
 
@@ -359,7 +387,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     from cap_dist import storage
     from cap_dist.config import recipe_from_dict
+    from cap_dist.engines.distributed.memory import StageMemory
 
+    memory = StageMemory()                          # baseline: the runtime (torch, Ray Train) before any model
     _enter_driver_directory(config.get("cwd"))
     recipe = recipe_from_dict(config["recipe"], "the finetune loop's config")
     if recipe.finetune is None:
@@ -368,17 +398,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.finetune.seed)
-    run = setup_run(recipe, config["student"], _worker())
-    state = resume(run, config["run_name"])
+    with memory.stage("load"):
+        run = setup_run(recipe, config["student"], _worker(), config.get("load", "sharded"))
+        state = resume(run, config["run_name"])
     for epoch in range(state.epoch, run.last_epoch):
-        row = run_epoch(run, state, epoch, config.get("inject_failure"))
+        with memory.stage("train"):
+            row = run_epoch(run, state, epoch, config.get("inject_failure"))
         state.history.append(row)
         metrics = {**row, "step_index": config["step_index"]}
         if state.epoch == run.last_epoch or state.epoch % recipe.finetune.checkpoint_every == 0:
             save_checkpoint(run.student, run.optimizer, run.scheduler, state, metrics, run.worker.rank)
         else:
             ray.train.report(metrics)
-    return _finish(run, state, config)
+    with memory.stage("write"):
+        return _finish(run, state, config, memory)
 
 
 def _enter_driver_directory(cwd: str | None) -> None:
@@ -395,21 +428,43 @@ def _latest_checkpoint() -> Any:
     return ray.train.get_checkpoint()
 
 
-def _finish(run: Run, state: TrainState, config: dict[str, Any]) -> dict[str, Any] | None:
-    """Gather the full weights on rank 0 (every rank takes part) and write the finetuned output there."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
+def _finish(run: Run, state: TrainState, config: dict[str, Any], memory: Any) -> dict[str, Any] | None:
+    """Check the masks on every rank's rows, then every rank writes its share of the weights as one shard
+    (:func:`cap_dist.finetune.sharded_io.write_rank_shard`: no rank gathers the model) and rank 0 writes the
+    index, report and manifest. The output must be storage every worker reaches (S3, a shared file system)."""
+    from cap_dist.finetune.masks import MaskViolationError
     from cap_dist.finetune.results import write_finetuned
+    from cap_dist.finetune.sharded_io import write_rank_shard
+    from cap_dist.engines.distributed.memory import peak_rss_mb
+    from cap_dist.output import weights_digest
 
-    full = get_model_state_dict(run.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if run.worker.rank != 0:
+    worker = run.worker
+    counts = run.masked.zero_counts()
+    names = list(counts)
+    local = [float(sum(run.masked.violations().values()))] + [float(counts[n][0]) for n in names] + \
+        [float(counts[n][1]) for n in names]
+    totals = torch.tensor(local, dtype=torch.float64, device=worker.device)
+    dist.all_reduce(totals)
+    totals = totals.tolist()
+    if totals[0]:
+        raise MaskViolationError(f"{int(totals[0])} pruned weights are no longer zero after training; the finetuned "
+                                 "model would not be sparse, so it is not written")
+    zeros = {n: (int(totals[1 + i]), int(totals[1 + len(names) + i])) for i, n in enumerate(names)}
+    shard = write_rank_shard(run.student, config["output"], worker.rank, worker.world)
+    shards: list[Any] = [None] * worker.world
+    dist.all_gather_object(shards, shard)
+    peaks: list[Any] = [None] * worker.world            # each worker's memory, to size workers by (manifest)
+    dist.all_gather_object(peaks, {"rank": worker.rank, "peak_rss_mb": peak_rss_mb(),
+                                   "baseline_rss_mb": memory.baseline_mb, "stage_peak_rss_mb": dict(memory.peaks)})
+    if worker.rank != 0:
         return None
-    info = {"student": config["student"], "student_sha256": run.manifest.get("files", {}).get("model.safetensors"),
+    info = {"student": config["student"], "student_sha256": weights_digest(run.manifest),
             "run_name": config["run_name"], "storage_path": config.get("storage_path"),
             "step_index": config["step_index"], "target_sparsity": config.get("sparsity"),
             "steps": state.step, "epochs": state.epoch, "attempts": state.attempt + 1,
-            "resumed_from_step": state.resumed_from_step, "workers": run.worker.world,
+            "resumed_from_step": state.resumed_from_step, "workers": worker.world, "memory": peaks,
             "final": state.history[-1] if state.history else {}}
-    out = write_finetuned(run.recipe, config["output"], full, run.masks, run.manifest, state.history, info)
+    out = write_finetuned(run.recipe, config["output"], [s for s in shards if s is not None], zeros, run.manifest,
+                          state.history, info)
     return {"output": config["output"], "sparsity": out["sparsity"], **{k: info[k] for k in (
         "run_name", "steps", "epochs", "attempts", "resumed_from_step")}, "metrics": info["final"]}

@@ -72,6 +72,25 @@ def masks_from_model(model: nn.Module, layer_names: Iterable[str]) -> dict[str, 
     return masks
 
 
+def local_masks(model: nn.Module, layer_names: Iterable[str]) -> "MaskedParameters":
+    """The masks of a model whose weights are already sharded (FSDP2, loaded shard by shard), each rank taking
+    them from its own rows: ``local weight != 0``, the same values :func:`shard_masks` cuts from full masks, with
+    no full tensor anywhere.
+
+    Raises:
+        ValueError: a layer is not in the model or has no weight.
+    """
+    params = dict(model.named_parameters())
+    paired = []
+    for name in layer_names:
+        key = f"{name}.weight"
+        if key not in params:
+            raise ValueError(f"pruned layer {name!r} is not a weighted module of {type(model).__name__}; does the "
+                             "pruning output belong to this model?")
+        paired.append((key, params[key], _local(params[key]).detach() != 0))
+    return MaskedParameters(paired)
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The part of ``tensor`` this rank holds: a DTensor's local shard, or the tensor itself."""
     to_local = getattr(tensor, "to_local", None)
@@ -133,6 +152,11 @@ class MaskedParameters:
             if count:
                 bad[name] = count
         return bad
+
+    @torch.no_grad()
+    def zero_counts(self) -> dict[str, tuple[int, int]]:
+        """``{name: (zeros, numel)}`` over the local shards (sum across ranks for the whole tensor)."""
+        return {name: (int((_local(param) == 0).sum()), _local(param).numel()) for name, param, _ in self.params}
 
     def kept_fraction(self) -> float:
         """Fraction of kept weights over the local shards (1 − local sparsity)."""

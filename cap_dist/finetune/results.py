@@ -1,10 +1,11 @@
-"""What a finetune run leaves behind, written by rank 0 at the end: the consolidated sparse model in the
-format of a pruning output (``model.safetensors``, ``report.parquet``, ``sparsity.json`` written last, so
-:func:`cap_dist.output.load_sparse` reads it and checks its sha256), plus ``metrics.parquet`` (one row per
+"""What a finetune run leaves behind: the sparse model in the format of a sharded pruning output (each rank
+writes its shard, rank 0 the index, ``report.parquet`` and ``sparsity.json`` last, so
+:func:`cap_dist.output.load_sparse` reads it and checks every shard's sha256), plus ``metrics.parquet`` (one row per
 epoch) and ``curves.png`` (losses and evaluation over the optimizer steps), both listed in the manifest.
 
-The masks are checked against the full weights before anything is written: a finetuned model whose pruned
-weights moved is not a sparse model, and is refused with :class:`~cap_dist.finetune.masks.MaskViolationError`.
+The masks are checked on every rank's shards before anything is written (:func:`cap_dist.finetune.loop`): a
+finetuned model whose pruned weights moved is not a sparse model, and is refused with
+:class:`~cap_dist.finetune.masks.MaskViolationError`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-
 from cap_dist.config import Recipe
-from cap_dist.finetune.masks import check_masks
+from cap_dist.shards import WrittenFile
 from cap_dist.storage import atomic_write_bytes
 
 METRICS = "metrics.parquet"
@@ -77,54 +76,55 @@ def curves_png_bytes(history: Sequence[Mapping[str, Any]], title: str = "finetun
     return buffer.getvalue()
 
 
-def layer_rows(student_rows: Sequence[Mapping[str, Any]], state: Mapping[str, torch.Tensor],
-               masks: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
+def layer_rows(student_rows: Sequence[Mapping[str, Any]],
+               zeros: Mapping[str, tuple[int, int]]) -> list[dict[str, Any]]:
     """The pruning report's rows with the sparsity measured on the trained weights (the pruning statistics —
-    loss, error, time — stay those of the pruning step); layers without a row get a minimal one."""
+    loss, error, time — stay those of the pruning step); masked tensors without a row get a minimal one.
+
+    ``zeros``: ``{param name: (zero count, numel)}`` of the trained weights (summed over the ranks' shards)."""
     rows = []
     seen = set()
     for row in student_rows:
         row = dict(row)
         key = f"{row['layer']}.weight"
-        if key in state:
-            row["sparsity"] = float((state[key] == 0).double().mean())
+        if key in zeros:
+            count, numel = zeros[key]
+            row["sparsity"] = count / numel if numel else 0.0
         rows.append(row)
         seen.add(key)
-    for key, mask in masks.items():
+    for key, (count, numel) in zeros.items():
         if key not in seen:
-            rows.append({"layer": key.removesuffix(".weight"), "numel": int(mask.numel()),
-                         "sparsity": float((state[key] == 0).double().mean())})
+            rows.append({"layer": key.removesuffix(".weight"), "numel": int(numel),
+                         "sparsity": count / numel if numel else 0.0})
     return rows
 
 
-def write_finetuned(recipe: Recipe, output_uri: str, state: dict[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
-                    student_manifest: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
-                    info: dict[str, Any]) -> dict[str, Any]:
-    """Check the masks, then write metrics, curves and the sparse model (manifest last); returns the manifest.
+def write_finetuned(recipe: Recipe, output_uri: str, shards: Sequence[WrittenFile],
+                    zeros: Mapping[str, tuple[int, int]], student_manifest: Mapping[str, Any],
+                    history: Sequence[Mapping[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+    """Write metrics, curves, the shards' index, report and (last) the manifest; returns the manifest.
 
     Args:
         recipe: the recipe of the run (its ``output`` is replaced by ``output_uri``).
-        state: the full (consolidated) state dict of the trained student, on the CPU.
-        masks: ``{param name: bool mask}`` of the pruned weights.
+        shards: the weight shards the workers already wrote into ``output_uri`` (one per rank,
+            :func:`cap_dist.finetune.sharded_io.write_rank_shard`); their masks were checked before.
+        zeros: ``{param name: (zero count, numel)}`` of the trained masked weights.
         student_manifest: the manifest of the pruning output that was finetuned.
         history: the per-epoch metrics rows.
         info: run facts recorded under the manifest's ``finetune`` key.
-
-    Raises:
-        MaskViolationError: a pruned weight is not exactly zero (nothing is written).
     """
-    from cap_dist.output import write_output
+    from cap_dist.output import structure_shapes_of, write_output
 
-    check_masks(state, masks)
     root = output_uri.rstrip("/")
     digests = {}
     title = f"finetune of {student_manifest['recipe']['model']['source']}"
     for name, data in ((METRICS, metrics_table_bytes(history)), (CURVES, curves_png_bytes(history, title))):
         atomic_write_bytes(f"{root}/{name}", data)
         digests[name] = hashlib.sha256(data).hexdigest()
-    rows = layer_rows(student_manifest.get("layers") or [], state, masks)
+    rows = layer_rows(student_manifest.get("layers") or [], zeros)
     timings = {"train": float(sum(row.get("seconds") or 0.0 for row in history))}
     out_recipe = recipe.model_copy(update={"output": output_uri})
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    return write_output(out_recipe, state, rows, dict(student_manifest["input"]), timings,
-                        extra={"finetune": info}, extra_files=digests)
+    return write_output(out_recipe, None, rows, dict(student_manifest["input"]), timings,
+                        # Written by a Ray Train group, so the Ray engine's key, as every other output names its engine.
+                        extra={"engine": "ray", "finetune": info}, extra_files=digests, shards=list(shards),
+                        structured=structure_shapes_of(info["student"], dict(student_manifest)))

@@ -41,7 +41,9 @@ def run_name(recipe: Recipe, student_manifest: dict[str, Any], step_index: int) 
     ft = recipe.finetune
     if ft is not None and ft.run_name:
         return f"{ft.run_name}-step{step_index}"
-    student = (student_manifest.get("files", {}).get("model.safetensors") or "nosha")[:8]
+    from cap_dist.output import weights_digest
+
+    student = (weights_digest(student_manifest) or "nosha")[:8]
     return f"finetune-{recipe.hash[:12]}-{student}-step{step_index}"
 
 
@@ -116,7 +118,8 @@ def build_trainer(recipe: Recipe, loop_config: dict[str, Any], name: str, storag
 
 
 def finetune(recipe: Recipe, student_uri: str, output_uri: str, step_index: int = 0,
-             sparsity: float | None = None, *, inject_failure: dict[str, Any] | None = None) -> dict[str, Any]:
+             sparsity: float | None = None, *, inject_failure: dict[str, Any] | None = None,
+             load: str = "sharded") -> dict[str, Any]:
     """Finetune the pruning output at ``student_uri`` as ``recipe.finetune`` says; write the result to
     ``output_uri`` (same format as a pruning output, plus ``metrics.parquet`` and ``curves.png``).
 
@@ -129,6 +132,8 @@ def finetune(recipe: Recipe, student_uri: str, output_uri: str, step_index: int 
         sparsity: the step's target sparsity, recorded in the output's manifest.
         inject_failure: tests only: ``{"step": k, "rank": r, "marker": path}`` kills worker ``r`` once after
             optimizer step ``k``.
+        load: how workers get their shards of student and teacher: ``"sharded"`` (each reads only its rows,
+            ranged reads) or ``"rank0"`` (rank 0 reads everything and broadcasts; kept to compare memory).
 
     Returns:
         rank 0's summary: ``output``, ``sparsity``, ``run_name``, ``steps``, ``epochs``, ``attempts``,
@@ -137,30 +142,42 @@ def finetune(recipe: Recipe, student_uri: str, output_uri: str, step_index: int 
     Raises:
         FinetuneError: no finetune section, the cluster is too small, or the run failed after its restarts.
     """
-    import ray
-
     from cap_dist import storage
-    from cap_dist.engines.distributed.driver import connect
+    from cap_dist.engines.distributed.local_ray import connect
+    from cap_dist.interruptible import call_in_thread
     from cap_dist.output import read_manifest
 
     if recipe.finetune is None:
         raise FinetuneError("the recipe has no finetune section; add one (see cap_dist/config.py: FinetuneConfig)")
+    if load not in ("sharded", "rank0"):
+        raise FinetuneError(f"load={load!r}: use 'sharded' (each worker reads its rows) or 'rank0' (broadcast)")
     ft = recipe.finetune
     student_uri, output_uri = _absolute(student_uri), _absolute(output_uri)
     storage.configure(recipe.storage)            # the recipe's S3 endpoint for the reads and writes below
     manifest = read_manifest(student_uri)
-    connect(recipe)
-    check_resources(recipe, ray.cluster_resources())
+    connect(recipe)                              # before Ray is imported: a local Ray of ours stays on 127.0.0.1
+    import ray
+
+    from cap_dist.engines.distributed.resources import autoscaler
+
+    scaler = autoscaler()
+    if scaler is None:                   # a fixed cluster: what it lacks now it will always lack
+        check_resources(recipe, ray.cluster_resources())
+    else:                                # a head with zero workers is the normal start on a cloud
+        log.info("finetune: %s adds the nodes Ray Train asks for (%d workers)", scaler, ft.workers)
     name = run_name(recipe, manifest, step_index)
     storage_root = _storage_root(recipe)
     loop_config = {"recipe": recipe.model_dump(mode="json"), "student": student_uri, "output": output_uri,
                    "step_index": step_index, "sparsity": sparsity, "run_name": name,
-                   "storage_path": storage_root, "cwd": os.getcwd(), "inject_failure": inject_failure}
+                   "storage_path": storage_root, "cwd": os.getcwd(), "inject_failure": inject_failure,
+                   "load": load}
     log.info("finetune run %s: %d workers, %d epochs, checkpoints in %s/%s", name, ft.workers, ft.epochs,
              storage_root, name)
     trainer = build_trainer(recipe, loop_config, name, storage_root)
     try:
-        result = trainer.fit()
+        # In a helper thread: from the main thread fit() takes SIGINT for good, and Ctrl-C would end the run
+        # silently (see cap_dist/interruptible.py).
+        result = call_in_thread(f"cap-dist finetune {name}", trainer.fit)
     except Exception as err:  # TrainingFailedError (V2), or a controller error
         raise FinetuneError(f"finetune run {name} failed (after up to finetune.max_failures={ft.max_failures} "
                             f"restarts; checkpoints in {storage_root}/{name}): {type(err).__name__}: {err}") from err

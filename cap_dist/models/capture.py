@@ -118,7 +118,8 @@ def _fold_conv_input(acc: HessianAccumulator, x: torch.Tensor, conv: nn.Conv2d) 
 
 
 def collect_hessians(run: Callable[[], object], layers: Mapping[str, nn.Module], float64: bool = True,
-                     accs: dict[str, HessianAccumulator] | None = None) -> dict[str, HessianAccumulator]:
+                     accs: dict[str, HessianAccumulator] | None = None, *,
+                     float32_products: bool = False) -> dict[str, HessianAccumulator]:
     """Call ``run`` (any forward passes: a whole model, one block, an actor's shard) with forward pre-hooks that
     fold each layer's input into its accumulator, without keeping the activations. The one capture path of
     cap-dist: both engines and :func:`capture_layer_inputs` go through it.
@@ -127,11 +128,14 @@ def collect_hessians(run: Callable[[], object], layers: Mapping[str, nn.Module],
         run: runs the forward passes (no grad is set around it).
         layers: ``{name: module}`` of Linear / non-grouped Conv2d layers that ``run`` executes.
         float64: accumulate in float64 (new accumulators only).
+        float32_products: form each chunk's X Xᵀ in float32 before adding it to a float64 sum (new
+            accumulators only; ``prune.hessian_products``).
         accs: accumulators to keep adding to (calls in sequence then equal one long run); new ones otherwise,
             on each layer's device, so on a GPU the inputs never cross to the host.
     """
     if accs is None:
-        accs = {name: HessianAccumulator(layer_columns(m), float64=float64, device=m.weight.device)
+        accs = {name: HessianAccumulator(layer_columns(m), float64=float64, device=m.weight.device,
+                                         float32_products=float32_products)
                 for name, m in layers.items()}
     handles = []
     for name, module in layers.items():

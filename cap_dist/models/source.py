@@ -20,6 +20,7 @@ prefixes again. Loading is always safe (safetensors, or ``torch.load(weights_onl
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,7 +30,6 @@ from torch import nn
 
 from cap_dist.models.spec import (ModelLoadError, ModelSpec, build_model, check_state_dict, load_model_dir,
                                   read_model_spec)
-from cap_dist.storage import load_tensors
 
 if TYPE_CHECKING:
     from cap_dist.config import ModelConfig
@@ -144,8 +144,13 @@ class ModelSource:
                 raise ModelLoadError(f"could not fetch hub weights for {self.uri} ({type(exc).__name__}: {exc}); "
                                      "on an offline machine give model.weights=<safetensors path or URI>") from None
             return model.eval()
+        from cap_dist.shards import load_weights
+
         model = self.skeleton()
-        state = load_tensors(self.weights)
+        try:
+            state = load_weights(self.weights)
+        except KeyError as err:
+            raise ModelLoadError(str(err)) from None
         check_state_dict(model, state, self.weights)
         model.load_state_dict(state)
         return model.eval()
@@ -154,8 +159,9 @@ class ModelSource:
 
     @property
     def ranged_weights(self) -> str | None:
-        """The safetensors file an engine can read a shard's tensors from (ranged reads), or None where there
-        is none and the whole (small, packaged) model must be loaded."""
+        """The safetensors file, or the index of safetensors shards, an engine can read a shard's tensors from
+        (ranged reads: :func:`cap_dist.shards.load_weight_subset`), or None where there is none and the whole
+        (small, packaged) model must be loaded."""
         return self.weights
 
     def check_weights(self, skeleton: nn.Module | None = None) -> None:
@@ -167,30 +173,35 @@ class ModelSource:
         ``skeleton``: a module of this source already built (meta is fine), to avoid building another."""
         if self.weights is None:
             return
-        from cap_dist.storage import safetensors_header, storage_errors
+        from cap_dist.shards import CorruptOutputError, weights_headers
+        from cap_dist.storage import storage_errors
 
         try:
-            header = safetensors_header(self.weights)
-        except ValueError as err:
-            raise ModelLoadError(_not_safetensors(self.weights, str(err))) from None
-        start = header.pop("__data_start__")
-        header.pop("__metadata__", None)
-        try:
-            entries = {k: (tuple(v["shape"]), v["data_offsets"]) for k, v in header.items()}
-        except (TypeError, KeyError):
-            raise ModelLoadError(f"{self.weights} is not a valid safetensors file: its header does not describe "
-                                 "tensors (shape, data_offsets)") from None
-        end = max((offsets[1] for _, offsets in entries.values()), default=0)
-        with storage_errors(self.weights):
-            import fsspec
+            headers = weights_headers(self.weights)
+        except (ValueError, KeyError) as err:       # CorruptOutputError is a ValueError
+            message = str(err) if isinstance(err, CorruptOutputError) else _not_safetensors(self.weights, str(err))
+            raise ModelLoadError(message) from None
+        shapes: dict[str, tuple[int, ...]] = {}
+        for uri, header in headers.items():
+            start = header.pop("__data_start__")
+            header.pop("__metadata__", None)
+            try:
+                entries = {k: (tuple(v["shape"]), v["data_offsets"]) for k, v in header.items()}
+            except (TypeError, KeyError):
+                raise ModelLoadError(f"{uri} is not a valid safetensors file: its header does not describe "
+                                     "tensors (shape, data_offsets)") from None
+            end = max((offsets[1] for _, offsets in entries.values()), default=0)
+            with storage_errors(uri):
+                import fsspec
 
-            fs, path = fsspec.core.url_to_fs(self.weights)
-            size = fs.size(path)
-        if size < start + end:
-            raise ModelLoadError(f"{self.weights} is truncated: its header describes {start + end:,} bytes but the "
-                                 f"file has {size:,}; copy it again")
+                fs, path = fsspec.core.url_to_fs(uri)
+                size = fs.size(path)
+            if size < start + end:
+                raise ModelLoadError(f"{uri} is truncated: its header describes {start + end:,} bytes but the "
+                                     f"file has {size:,}; copy it again")
+            shapes.update({k: shape for k, (shape, _) in entries.items()})
         model = skeleton if skeleton is not None else self.meta_skeleton()
-        check_state_dict(model, {k: torch.empty(shape, device="meta") for k, (shape, _) in entries.items()},
+        check_state_dict(model, {k: torch.empty(shape, device="meta") for k, shape in shapes.items()},
                          self.weights)
 
     def input_spec(self, skeleton: nn.Module | None = None) -> dict[str, Any]:
@@ -244,12 +255,16 @@ def load_model(source: str, weights: str | None = None,
     return model, parsed.input_spec(model)
 
 
-def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors, tied weights de-duplicated by copying (safetensors refuses shared storage)."""
+def state_dict_for_save(model: nn.Module, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, tied weights de-duplicated by copying (safetensors refuses shared storage).
+
+    ``keys``: only these entries of the state dict (an actor's shard; the rest may be meta placeholders)."""
+    state = model.state_dict()
+    wanted = state.keys() if keys is None else keys
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for key, value in model.state_dict().items():
-        tensor = value.detach().cpu()
+    for key in wanted:
+        tensor = state[key].detach().cpu()
         ptr = tensor.untyped_storage().data_ptr() if tensor.numel() else -1
         out[key] = tensor.clone().contiguous() if ptr in seen else tensor.contiguous()
         seen.add(ptr)

@@ -23,8 +23,6 @@ import fsspec
 import timm
 import timm.models
 import torch
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import load_file as load_safetensors_file
 from torch import nn
 
 MODEL_JSON = "model.json"
@@ -54,7 +52,8 @@ class ModelSpec:
             ``center_crop``, ``mean``, ``std``, ``channels``, ``scale``), consumed by ``cap_dist.data``.
         reference_accuracy: every ``reference_*`` field of the json, e.g.
             ``{"reference_top1_on_mnist_test": 0.9791}``.
-        weights: file name of the safetensors state_dict inside the folder.
+        weights: file name of the safetensors state_dict inside the folder, or of the index of its shards
+            (``model.safetensors.index.json``).
         head: the json's head override (e.g. ``"replace model.head with Sequential(...)"``), if any.
         norm_layer: the json's norm-layer override (e.g. ``"torch.nn.LayerNorm with eps=1e-5"``), if any.
         source: the folder (path or URI) the spec was read from.
@@ -88,9 +87,10 @@ class ModelSpec:
         if not isinstance(input_spec, dict):
             raise ModelLoadError(f"{where}: 'input' must be an object, got {type(input_spec).__name__}")
         weights = raw.get("weights", DEFAULT_WEIGHTS)
-        if not isinstance(weights, str) or not weights.endswith(".safetensors"):
-            raise ModelLoadError(f"{where}: 'weights' must name a .safetensors file (pickled checkpoints are "
-                                 f"not loaded), got {weights!r}")
+        if not isinstance(weights, str) or not weights.endswith((".safetensors", ".safetensors.index.json")):
+            raise ModelLoadError(f"{where}: 'weights' must name a .safetensors file or a sharded safetensors "
+                                 f"index (*.safetensors.index.json); pickled checkpoints are not loaded; got "
+                                 f"{weights!r}")
         head = raw.get("head")
         if head is not None and not isinstance(head, str):
             raise ModelLoadError(f"{where}: 'head' must be a string such as 'replace model.head with "
@@ -254,13 +254,6 @@ def _join(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}"
 
 
-def _read_weights(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, torch.Tensor]:
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        return load_safetensors_file(path)  # memory-mapped
-    with fs.open(path, "rb") as f:
-        return load_safetensors_bytes(f.read())
-
-
 def _first(keys: Iterable[str]) -> str:
     keys = list(keys)
     shown = ", ".join(keys[:_MAX_KEYS_SHOWN])
@@ -332,8 +325,12 @@ def load_model_dir(path: str, spec: ModelSpec | None = None) -> tuple[nn.Module,
         raise FileNotFoundError(f"model folder {root} has no weights file; expected {_join(root, spec.weights)} "
                                 f"(named by 'weights' in {MODEL_JSON})")
     model = build_model(spec)
+    from cap_dist.shards import load_weights
+
     try:
-        state = _read_weights(fs, weights_path)
+        state = load_weights(_join(root, spec.weights))     # one file (memory-mapped where local), or its shards
+    except (FileNotFoundError, PermissionError):
+        raise
     except Exception as err:  # safetensors raises its own error types for corrupt headers
         raise ModelLoadError(f"cannot read {_join(root, spec.weights)} as safetensors: {err}") from err
     check_state_dict(model, state, _join(root, spec.weights))

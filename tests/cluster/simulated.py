@@ -97,6 +97,16 @@ def tiny_assets(recipe, work: Path) -> list[str]:
             f"output={work / 'out' / name}"]
 
 
+def keep_cluster_address_private() -> None:
+    """A ``ray.cluster_utils.Cluster`` head writes its address to /tmp/ray/ray_current_cluster, and any
+    ``ray.init()`` without an address on this machine (another test's own local Ray, a ``cap-dist prune`` of a
+    user) then joins this simulated cluster while it lives. Our drivers pass the address explicitly, so the head
+    need not publish it."""
+    import ray._private.utils
+
+    ray._private.utils.write_ray_address = lambda *args, **kwargs: None
+
+
 def run(recipes: list[str], result: Path) -> None:
     home = Path(tempfile.mkdtemp())
     (home / "ray_bootstrap_config.yaml").write_text("{}\n")
@@ -108,6 +118,7 @@ def run(recipes: list[str], result: Path) -> None:
     from cap_dist.config import load_recipe
     from cap_dist.engines import prune
 
+    keep_cluster_address_private()
     shapes = worker_types()
     rows = []
     by_node: dict[str, list[str]] = {}

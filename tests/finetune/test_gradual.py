@@ -57,14 +57,18 @@ def test_gradual_run_keeps_earlier_masks_and_reaches_the_final_sparsity(ray_clus
 
 
 def test_mask_violations_are_caught(assets: Path, tmp_path: Path) -> None:  # noqa: F811
-    from safetensors.torch import load_file, save_file
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from cap_dist.shards import write_safetensors
 
     weights = load_file(str(assets / "pruned" / "model.safetensors"))
     name = "blocks.0.mlp.fc1.weight"
     revived = weights[name].clone()
     revived[weights[name] == 0] = 1e-3
-    (tmp_path / "bad").mkdir()
-    save_file({**weights, name: revived}, str(tmp_path / "bad" / "model.safetensors"))
+    shutil.copytree(assets / "pruned", tmp_path / "bad")          # an output whose weights were changed in place
+    write_safetensors(str(tmp_path / "bad" / "model.safetensors"), {**weights, name: revived})
     with pytest.raises(MaskViolationError, match=f"weights of {name} that are zero"):
         check_masks_kept(str(assets / "pruned"), str(tmp_path / "bad"), ["blocks.0.mlp.fc1"])
 

@@ -98,3 +98,35 @@ def test_sharded_evaluation_equals_cap_dist_eval(worker: Worker) -> None:
     assert got["eval_top1"] == pytest.approx(expected["top1"])
     assert got["eval_agreement"] == pytest.approx(expected["agreement"])
     assert got["eval_kl"] == pytest.approx(expected["kl"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("how", ["sharded", "rank0"])
+def test_meta_build_loads_the_weights_and_masks_exactly(worker: Worker, tmp_path, how: str) -> None:
+    """Built on meta and filled from a file (ranged reads of each rank's rows, or rank 0's broadcast), the sharded
+    model equals the saved one tensor for tensor, and the masks taken from its local rows are the saved zeros."""
+    from cap_dist.finetune.masks import local_masks
+    from cap_dist.finetune.sharded_io import broadcast_from_rank0, build_sharded, write_rank_shard
+    from cap_dist.shards import load_weights, write_safetensors
+
+    student, _ = _pruned_pair(num_classes=4)
+    expected = {k: v.clone() for k, v in student.state_dict().items()}
+    write_safetensors(str(tmp_path / "model.safetensors"), expected)
+    ft = FinetuneConfig(data={"uri": "-"})
+    build = lambda: timm.models.VisionTransformer(num_classes=4, **VIT)  # noqa: E731
+    shard = lambda m: shard_model(m, worker.mesh, ft)  # noqa: E731
+    if how == "sharded":
+        model = build_sharded(build, shard, worker.device, str(tmp_path / "model.safetensors"))
+    else:
+        model = broadcast_from_rank0(build, shard, worker.device, worker.rank,
+                                     lambda: load_weights(str(tmp_path / "model.safetensors")))
+    for key, value in model.state_dict().items():
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        assert torch.equal(full, expected[key]), key
+    masked = local_masks(model, LAYERS)
+    assert [name for name, _, _ in masked.params] == [f"{n}.weight" for n in LAYERS]
+    for name, _, mask in masked.params:
+        assert torch.equal(mask, expected[name] != 0) and 0.4 < float((~mask).float().mean()) < 0.6, name
+    written = write_rank_shard(model, str(tmp_path / "out"), worker.rank, worker.world)
+    assert written.name == "model-00001-of-00001.safetensors"
+    again = load_weights(str(tmp_path / "out" / written.name))
+    assert set(again) == set(expected) and all(torch.equal(again[k], expected[k]) for k in expected)

@@ -97,6 +97,7 @@ def _check_output(assets: Path, output: Path) -> tuple[dict[str, torch.Tensor], 
         assert not torch.equal(after[name][~pruned], weight[~pruned]), name
         assert torch.equal(after[name] == 0, pruned), name     # no kept weight became zero either
     assert manifest["sparsity"] == pytest.approx(student_manifest["sparsity"])
+    assert manifest["engine"] == "ray"                          # written by a Ray Train group
     history = pq.read_table(output / "metrics.parquet").to_pylist()
     return model.state_dict(), history
 

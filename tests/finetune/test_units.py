@@ -289,8 +289,8 @@ def test_metrics_table_and_curves() -> None:
 
 def test_layer_rows_measure_sparsity_of_the_trained_weights() -> None:
     state = {"a.weight": torch.tensor([[0.0, 1.0], [0.0, 2.0]]), "b.weight": torch.tensor([[0.0, 0.0, 0.0, 3.0]])}
-    masks = {k: v != 0 for k, v in state.items()}
-    rows = layer_rows([{"layer": "a", "numel": 4, "sparsity": 0.4, "loss": 1.0}], state, masks)
+    zeros = {k: (int((v == 0).sum()), v.numel()) for k, v in state.items()}
+    rows = layer_rows([{"layer": "a", "numel": 4, "sparsity": 0.4, "loss": 1.0}], zeros)
     assert rows[0] == {"layer": "a", "numel": 4, "sparsity": 0.5, "loss": 1.0}
     assert rows[1]["layer"] == "b" and rows[1]["sparsity"] == pytest.approx(0.75)
     assert math.isclose(sum(r["numel"] for r in rows), 8)

@@ -117,6 +117,22 @@ def test_ray_actors_reach_s3_through_the_forwarded_endpoint(ray_cluster, assets_
     assert manifest["engine"] == "ray" and len(manifest["actors"]) == 2
     for name, tensor in local.model.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
+    # The actors wrote their shards straight to S3; ranged reads of FSDP-style row blocks work there too, and a
+    # tampered shard is named.
+    from cap_dist.shards import INDEX, load_weight_subset
+
+    assert manifest["weights"] == INDEX and {"model-00001-of-00002.safetensors",
+                                             "model-00002-of-00002.safetensors"} <= set(manifest["files"])
+    key = "blocks.1.mlp.fc1.weight"
+    rows = load_weight_subset(f"{root}/ray-out/{INDEX}", [key], {key: (5, 20)})[key]
+    assert torch.equal(rows, model.state_dict()[key][5:20])
+    client_fs = storage.fsspec.filesystem("s3")
+    shard = f"{root}/ray-out/model-00002-of-00002.safetensors".removeprefix("s3://")
+    data = bytearray(client_fs.cat_file(shard))
+    data[-9] ^= 0xFF
+    client_fs.pipe_file(shard, bytes(data))
+    with pytest.raises(CorruptOutputError, match="model-00002-of-00002.safetensors is corrupt"):
+        load_sparse(f"{root}/ray-out")
 
 
 def test_missing_bucket_and_missing_key_are_named(s3: str) -> None:

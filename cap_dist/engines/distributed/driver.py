@@ -1,4 +1,4 @@
-"""The Ray driver: plan, start actors, stream calibration through them, allocate, solve, reassemble.
+"""The Ray driver: plan, start actors, stream calibration through them, allocate, solve, write the shards.
 
     cap-dist prune --config jobs/vit4mnist.yaml distributed.actors=2        # local Ray on a laptop
     ray job submit -- python -m cap_dist prune --config jobs/X.yaml          # joins the cluster
@@ -8,36 +8,42 @@ reference, and since an actor runs its calls in order, actor 0 works on batch b+
 batch b (a pipeline).  Independent mode then solves every layer of every actor in parallel; sequential
 mode runs the actors one after another, each on the pruned outputs of the one before.
 
-If an actor dies (killed, out of memory), the attempt is abandoned, fresh actors are started, and the run
-resumes: layers already written are read back, not solved again.  A layer that fails ``max_attempts``
-times fails the job, naming the layer.
+If actors die (a lost node, out of memory), only those are replaced (:mod:`~cap_dist.engines.distributed.crew`);
+the survivors keep their weights, Hessians and solved layers. Each phase below is written to be run again after
+a replacement and to redo only what the replacement lacks: calibration batches are streamed again only as far
+as an actor that still needs them, through survivors that pass them on without counting them twice (and with
+their dense weights swapped back in, if they have solved layers already); layers already written are read back,
+not solved again; BatchNorm statistics are measured once per batch per actor. ``distributed.max_attempts``
+bounds the recoveries of one run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import time
 import uuid
 from typing import Any
 
 import ray
 import torch
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from tqdm.auto import tqdm
 
 from cap_dist.config import Recipe
 from cap_dist.core import (LayerRecord, PruneResult, check_layers_fit, curve_depth, estimated_solve_flops,
                            layer_levels, layer_table, model_stages, needs_loss_curves, select_layers)
-from cap_dist.engines.distributed.actor import PruneActor
-from cap_dist.engines.distributed.plan import ActorPlan, StageCost, plan_actors, plan_json, plan_table
+from cap_dist.engines.distributed.crew import (ACTOR_FAILURES, FIRST_LOG_S, LOG_EVERY_S, ActorsLost, Crew,
+                                               ResourcesUnavailableError)
+from cap_dist.engines.distributed.local_ray import connect
+from cap_dist.engines.distributed.plan import StageCost, plan_actors, plan_json, plan_table, shard_owners
+from cap_dist.engines.distributed.resources import actor_bundle, bundle_text, check_resources, shortfall
 from cap_dist.models.capture import layer_columns
 from cap_dist.models.source import ModelSource
+from cap_dist.shards import WrittenFile, shard_name
 from cap_dist.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
 def stage_costs(recipe: Recipe, skeleton: torch.nn.Module) -> tuple[list[StageCost], int]:
@@ -65,56 +71,16 @@ def stage_costs(recipe: Recipe, skeleton: torch.nn.Module) -> tuple[list[StageCo
     return costs, len(parts.blocks)
 
 
-def connect(recipe: Recipe) -> None:
-    """Join the Ray cluster the recipe names (distributed.address, else RAY_ADDRESS), or start a local one; a
-    process already connected (a `ray job submit` driver, a test) stays on its cluster."""
-    if ray.is_initialized():
-        return
-    import signal
-    import threading
-
-    address = recipe.distributed.address or os.environ.get("RAY_ADDRESS")
-    on_sigterm = signal.getsignal(signal.SIGTERM)
-    if address:
-        ray.init(address=address)
-    else:
-        # A Ray of our own lives on this machine alone: loopback address, and every CPU said explicitly (so an
-        # actor that asks for more than exists fails at once instead of waiting).
-        ray.init(include_dashboard=False, num_cpus=os.cpu_count() or 1, _node_ip_address="127.0.0.1")
-    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
-        # Ray's core worker installs a crash handler for SIGTERM that aborts the process (exit -6, a stack dump);
-        # put back the caller's (the CLI's), so SIGTERM unwinds and the run cleans up after itself.
-        signal.signal(signal.SIGTERM, on_sigterm)
-
-
-def _check_resources(recipe: Recipe) -> None:
+def _check_resources(recipe: Recipe, n_actors: int) -> None:
+    """Against what the cluster has free now, and what it could have (its nodes, its autoscaler): refuse at once
+    what can never fit, say what is missing before any wait (:func:`resources.check_resources`)."""
     cfg = recipe.distributed
-    have = ray.cluster_resources()
-    need_cpu, need_gpu = cfg.actors * cfg.num_cpus, cfg.actors * cfg.num_gpus
-    if need_cpu > have.get("CPU", 0):
-        raise ValueError(f"distributed: {cfg.actors} actors × {cfg.num_cpus} CPUs = {need_cpu} CPUs, but the Ray "
-                         f"cluster has {have.get('CPU', 0):g}; lower distributed.actors or distributed.num_cpus")
-    if need_gpu > have.get("GPU", 0):
-        raise ValueError(f"distributed: {cfg.actors} actors × {cfg.num_gpus} GPUs = {need_gpu} GPUs, but the Ray "
-                         f"cluster has {have.get('GPU', 0):g}; lower distributed.num_gpus or add GPU nodes")
-    if cfg.memory_gb and cfg.memory_gb * 2**30 > have.get("memory", 0):
-        raise ValueError(f"distributed.memory_gb={cfg.memory_gb} per actor exceeds the cluster's memory")
-
-
-class ResourcesUnavailableError(RuntimeError):
-    """The cluster did not place the run's actors within ``distributed.schedule_timeout_s``."""
+    check_resources(_bundle(recipe), n_actors, cfg.schedule_timeout_s)
 
 
 def _bundle(recipe: Recipe) -> dict[str, float]:
-    """What one actor asks for, every resource of it: a placement-group bundle must carry each one, or Ray
-    refuses to place the actor in it."""
     cfg = recipe.distributed
-    bundle = {"CPU": float(cfg.num_cpus)}
-    if cfg.num_gpus:
-        bundle["GPU"] = float(cfg.num_gpus)
-    if cfg.memory_gb:
-        bundle["memory"] = float(int(cfg.memory_gb * 2**30))
-    return bundle
+    return actor_bundle(cfg.num_cpus, cfg.num_gpus, cfg.memory_gb)
 
 
 def reserve(recipe: Recipe, n_actors: int, run_id: str) -> Any:
@@ -129,56 +95,24 @@ def reserve(recipe: Recipe, n_actors: int, run_id: str) -> Any:
                          name=f"cap-dist-{recipe.hash[:10]}-{run_id}")
     ready = pg.ready()
     start = time.monotonic()
+    step = FIRST_LOG_S                    # a wait longer than a few seconds is said at once, then every 30 s
     while True:
         left = cfg.schedule_timeout_s - (time.monotonic() - start)
-        done, _ = ray.wait([ready], timeout=max(0.0, min(30.0, left)))
+        done, _ = ray.wait([ready], timeout=max(0.0, min(step, left)))
         if done:
             return pg
+        step = LOG_EVERY_S
         waited = time.monotonic() - start
-        wanted = ", ".join(f"{k} {v:g}" for k, v in bundle.items())
-        have = {k: v for k, v in ray.available_resources().items() if k in bundle}
+        missing = "; ".join(shortfall(bundle, n_actors, ray.available_resources(), "the cluster now")) or \
+            "enough free in total, but not on the nodes the placement strategy allows"
         if waited >= cfg.schedule_timeout_s:
             remove_placement_group(pg)
             raise ResourcesUnavailableError(
-                f"the cluster did not place {n_actors} actors of {{{wanted}}} each ({cfg.placement or 'PACK'}) in "
-                f"{waited:.0f} s (distributed.schedule_timeout_s); available now: {have or 'nothing of these'}. Add "
+                f"the cluster did not place {n_actors} actors of {{{bundle_text(bundle)}}} each "
+                f"({cfg.placement or 'PACK'}) in {waited:.0f} s (distributed.schedule_timeout_s): {missing}. Add "
                 "nodes, lower distributed.actors or the per-actor resources, or wait longer")
-        log.warning("waiting %.0f s so far for %d actor slots of {%s}; available now: %s (gives up after %.0f s)",
-                    waited, n_actors, wanted, have or "nothing of these", cfg.schedule_timeout_s)
-
-
-def _start_actors(recipe: Recipe, source: ModelSource, plans: list[ActorPlan], attempt: int, run_id: str,
-                  pg: Any) -> list[Any]:
-    """Actors named cap-dist-<recipe hash>-<run>-<attempt>-<index> (unique per run: a rerun of the same recipe
-    must not collide with the names of actors that are still being torn down), actor i in bundle i of ``pg``."""
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from cap_dist.storage import worker_env
-
-    cfg = recipe.distributed
-    remote = ray.remote(PruneActor)
-    options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "max_restarts": 0}
-    env = worker_env(recipe.storage)      # actors do not inherit the driver's environment
-    if env:
-        options["runtime_env"] = {"env_vars": env}
-    if cfg.memory_gb:
-        options["memory"] = int(cfg.memory_gb * 2**30)
-    recipe_dict = recipe.model_dump(mode="json")
-    actors = []
-    for p in plans:
-        strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=p.index)
-        opts = dict(options, name=f"cap-dist-{recipe.hash[:10]}-{run_id}-{attempt}-{p.index}",
-                    scheduling_strategy=strategy)
-        actors.append(remote.options(**opts).remote(recipe_dict, source, list(p.stages), p.index))
-    return actors
-
-
-def _kill(actors: list[Any]) -> None:
-    for actor in actors:
-        try:
-            ray.kill(actor, no_restart=True)
-        except Exception:  # noqa: BLE001 - an actor already gone (its node lost) needs no kill
-            pass
+        log.warning("waiting %.0f s so far for %d actor slots of {%s}: %s (gives up after %.0f s)",
+                    waited, n_actors, bundle_text(bundle), missing, cfg.schedule_timeout_s)
 
 
 def _levels(recipe: Recipe, actors: list[Any]) -> dict[str, float]:
@@ -194,83 +128,161 @@ def _levels(recipe: Recipe, actors: list[Any]) -> dict[str, float]:
     return layer_levels(cfg, names, curves)
 
 
-def _stream_dense(actors: list[Any], batch_refs: list[Any]) -> None:
-    """Push every batch through the actor chain (pipelined) and wait for all of them."""
+def stream_route(needs: list[list[int]], n_batches: int) -> dict[int, int]:
+    """For each batch some actor still needs: the last actor it must reach (the chain stops there)."""
+    last: dict[int, int] = {}
+    for i, batches in enumerate(needs):
+        for b in batches:
+            last[b] = i
+    return {b: last[b] for b in range(n_batches) if b in last}
+
+
+def _stream(actors: list[Any], batch_refs: list[Any], route: dict[int, int], call: str, desc: str) -> None:
+    """Push batch b through actors 0..route[b] (pipelined: an actor runs its calls in order, so actor 0 works on
+    batch b+1 while actor 1 works on batch b) and wait for all of them."""
     finals = []
-    for ref in batch_refs:
-        for actor in actors:
-            ref = actor.forward.remote(ref)
+    for b, last in route.items():
+        ref = batch_refs[b]
+        for actor in actors[:last + 1]:
+            ref = getattr(actor, call).remote(ref, b)
         finals.append(ref)
-    with tqdm(total=len(finals), desc="calibration batches", unit="batch") as bar:
-        pending = list(finals)
+    _wait_all(finals, desc, "batch")
+
+
+def _wait_all(refs: list[Any], desc: str | None = None, unit: str = "call") -> list[Any]:
+    """Every result of ``refs``, with a progress bar where ``desc`` names one; a lost actor raises
+    :class:`ActorsLost` with the calls still in flight (the bar is closed however the wait ends, so an
+    interrupt's one line comes last)."""
+    results: dict[Any, Any] = {}
+    with tqdm(total=len(refs), desc=desc, unit=unit, disable=desc is None) as bar:
+        pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done)
-            bar.update(len(done))
+            try:
+                results[done[0]] = ray.get(done[0])
+            except ACTOR_FAILURES as err:
+                raise ActorsLost(err, pending) from err
+            bar.update(1)
+    return [results[r] for r in refs]
 
 
-def _attempt(recipe: Recipe, actors: list[Any], batch_refs: list[Any], failures: dict[str, int]) -> dict[str, Any]:
-    cfg = recipe.prune
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    if cfg.mode == "independent" or cfg.allocation == "global":
-        _stream_dense(actors, batch_refs)
-    timings["calibrate"] = time.perf_counter() - start
-    start = time.perf_counter()
-    levels = _levels(recipe, actors)
-    timings["allocate"] = time.perf_counter() - start
-    start = time.perf_counter()
-    if cfg.mode == "independent":
-        owner = {}
-        calls = {}
-        for actor, names in zip(actors, ray.get([a.layer_names.remote() for a in actors])):
-            for name in names:
-                ref = actor.solve_layer.remote(name, levels[name])
-                calls[ref] = name
-                owner[name] = actor
-        # (bars as context managers: closed however the wait ends, so an interrupt's one line comes last)
-        with tqdm(total=len(calls), desc="layers solved", unit="layer") as bar:
-            pending = list(calls)
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                try:
-                    ray.get(done[0])
-                except ACTOR_FAILURES:
-                    failures[calls[done[0]]] = failures.get(calls[done[0]], 0) + 1
-                    raise
-                bar.update(1)
-    else:
-        hidden: Any = batch_refs
-        with tqdm(total=len(actors), desc="actors solved (sequential)", unit="actor") as bar:
-            for actor in actors:
-                hidden = actor.sequential.remote(hidden, levels)
-                ray.wait([hidden], num_returns=1)
-                ray.get(hidden)
-                bar.update(1)
-    timings["solve"] = time.perf_counter() - start
-    if cfg.batchnorm == "reestimate" and sum(ray.get([a.batchnorm_layers.remote() for a in actors])):
-        start = time.perf_counter()
-        _reestimate_batchnorm(actors, batch_refs)
-        timings["batchnorm"] = time.perf_counter() - start
-    return {"levels": levels, "timings": timings}
+def _calibrate(actors: list[Any], batch_refs: list[Any]) -> None:
+    """Dense calibration of the actors that still need batches (all of them at first; after a lost actor, its
+    replacement). The survivors ahead of it pass the batches on without folding them again, with the dense
+    weights of any layer solved or read back swapped in for the stream."""
+    n = len(batch_refs)
+    route = stream_route(_wait_all([a.needs.remote(n) for a in actors]), n)
+    if not route:
+        return
+    # (the last actor too: a replacement has read back the layers its predecessor wrote, and the layers after
+    # them in its own blocks must see the dense ones, as in the first pass)
+    chain = actors[:max(route.values()) + 1]
+    _wait_all([a.dense_view.remote(True) for a in chain])
+    _stream(actors, batch_refs, route, "forward", "calibration batches")
+    _wait_all([a.dense_view.remote(False) for a in chain])
+
+
+def _solve_independent(actors: list[Any], levels: dict[str, float]) -> None:
+    """Every layer of every actor in parallel, except those an actor has already (solved, or read back)."""
+    names = _wait_all([a.layer_names.remote() for a in actors])
+    done = _wait_all([a.get_records.remote() for a in actors])
+    calls = [actor.solve_layer.remote(name, levels[name]) for actor, own, recs in zip(actors, names, done)
+             for name in own if name not in {r["layer"] for r in recs}]
+    _wait_all(calls, "layers solved", "layer")
+
+
+def _solve_sequential(actors: list[Any], batch_refs: list[Any], levels: dict[str, float],
+                      outputs: dict[int, Any]) -> None:
+    """Each actor on the pruned outputs of the one before, skipping actors already done (``outputs``: each done
+    actor's outputs; a lost actor's are dropped, its replacement reads its layers back and makes them again)."""
+    with tqdm(total=len(actors), initial=len(outputs), desc="actors solved (sequential)", unit="actor") as bar:
+        for i, actor in enumerate(actors):
+            if i in outputs:
+                continue
+            ref = actor.sequential.remote(batch_refs if i == 0 else outputs[i - 1], levels)
+            try:
+                ray.get(ref)
+            except ACTOR_FAILURES as err:
+                raise ActorsLost(err, []) from err
+            outputs[i] = ref
+            bar.update(1)
 
 
 def _reestimate_batchnorm(actors: list[Any], batch_refs: list[Any]) -> None:
     """The local engine's BatchNorm pass, sharded: every calibration batch streams through the pruned actor chain
     while each actor's BatchNorm layers measure. An actor runs its calls in the order they were submitted, so
-    each sees the batches in the local pass's order and ends with the same statistics."""
-    ray.get([a.batchnorm_begin.remote() for a in actors])
-    finals = []
-    for ref in batch_refs:
-        for actor in actors:
-            ref = actor.batchnorm_forward.remote(ref)
-        finals.append(ref)
-    ray.get(finals)
-    ray.get([a.batchnorm_end.remote() for a in actors])
+    each sees the batches in the local pass's order and ends with the same statistics; after a lost actor, a
+    batch goes only as far as an actor that has not measured it, and an actor that has passes it on unchanged."""
+    n = len(batch_refs)
+    _wait_all([a.batchnorm_begin.remote() for a in actors])
+    route = stream_route(_wait_all([a.batchnorm_needs.remote(n) for a in actors]), n)
+    _stream(actors, batch_refs, route, "batchnorm_forward", "BatchNorm batches")
+    _wait_all([a.batchnorm_end.remote() for a in actors])
+
+
+def _run_phases(recipe: Recipe, crew: Crew, batch_refs: list[Any], run: dict[str, Any]) -> None:
+    """Calibrate, allocate, solve, re-estimate BatchNorm: each phase redoes only what is missing, so after a
+    replacement the same call carries on (``run`` keeps the levels, the sequential outputs, the timings and
+    which phase is running)."""
+    cfg = recipe.prune
+    actors = crew.actors
+    timings = run["timings"]
+    start = time.perf_counter()
+    if cfg.mode == "independent" or (cfg.allocation == "global" and run["levels"] is None):
+        run["phase"] = "calibrating"
+        _calibrate(actors, batch_refs)
+    timings["calibrate"] = timings.get("calibrate", 0.0) + time.perf_counter() - start
+    if run["levels"] is None:
+        run["phase"] = "allocating"
+        start = time.perf_counter()
+        try:
+            run["levels"] = _levels(recipe, actors)
+        except ACTOR_FAILURES as err:
+            raise ActorsLost(err, []) from err
+        timings["allocate"] = time.perf_counter() - start
+    run["phase"] = "solving"
+    start = time.perf_counter()
+    if cfg.mode == "independent":
+        _solve_independent(actors, run["levels"])
+    else:
+        _solve_sequential(actors, batch_refs, run["levels"], run["outputs"])
+    timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - start
+    if cfg.batchnorm == "reestimate":
+        run["phase"] = "re-estimating BatchNorm"
+        if sum(_wait_all([a.batchnorm_layers.remote() for a in actors])):
+            start = time.perf_counter()
+            _reestimate_batchnorm(actors, batch_refs)
+            timings["batchnorm"] = timings.get("batchnorm", 0.0) + time.perf_counter() - start
+    run["phase"] = "gathering"
+
+
+def _recover(recipe: Recipe, crew: Crew, err: ActorsLost, run: dict[str, Any]) -> None:
+    """Replace the lost actors and hand each replacement what the phases will not redo for it."""
+    cfg = recipe.distributed
+    if crew.losses + 1 >= cfg.max_attempts:
+        raise RuntimeError(f"actors died {crew.losses + 1} times, the last while {run['phase']} "
+                           f"(distributed.max_attempts={cfg.max_attempts}): {err}") from None
+    replaced = crew.replace(err, run["phase"])
+    for i in replaced:
+        run["outputs"].pop(i, None)              # sequential: its outputs were in its node's object store
+    if run["levels"] is not None and recipe.prune.mode == "independent":
+        # Layers the lost actors wrote are read back; Hessians are collected only for the others.
+        _wait_all([crew.actors[i].prepare.remote(run["levels"]) for i in replaced])
+
+
+def _write_shards(recipe: Recipe, actors: list[Any]) -> list[WrittenFile]:
+    """Every actor writes the tensors it owns (:func:`shard_owners`) straight into its own safetensors shard of
+    the output, in parallel; the driver sees tensor names and file digests only, never a tensor."""
+    held = ray.get([a.tensor_names.remote() for a in actors])
+    owned = shard_owners(held, ray.get([a.batchnorm_measured.remote() for a in actors]))
+    writers = [i for i, keys in enumerate(owned) if keys]
+    refs = [actors[i].write_shard.remote(owned[i], shard_name(k + 1, len(writers))) for k, i in enumerate(writers)]
+    return [WrittenFile(**dict(w, keys=tuple(w["keys"]))) for w in ray.get(refs)]
 
 
 def prune_distributed(recipe: Recipe, source: ModelSource | None = None, write: bool = True) -> PruneResult:
-    """Run a recipe on Ray; writes the same output as the local engine (plus each actor's stats and the plan).
+    """Run a recipe on Ray; writes the local engine's output with the weights sharded, one safetensors shard per
+    actor written by that actor, plus ``model.safetensors.index.json`` (and each actor's stats and the plan).
 
     ``source``: the recipe's model source, already parsed (by :func:`cap_dist.engines.prune`)."""
     from cap_dist.data.draw import draw_batches
@@ -292,45 +304,40 @@ def prune_distributed(recipe: Recipe, source: ModelSource | None = None, write: 
     plans = plan_actors(costs, recipe.distributed.actors, n_blocks)
     print(plan_table(plans))
     connect(recipe)
-    _check_resources(recipe)
+    _check_resources(recipe, len(plans))
     atomic_write_bytes(f"{recipe.output.rstrip('/')}/plan.json", plan_json(plans).encode())
     batch_refs = [ray.put(x) for x, _ in calibration]
-    failures: dict[str, int] = {}
     run_id = uuid.uuid4().hex[:8]
     pg = reserve(recipe, len(plans), run_id)
-    actors: list[Any] = []
+    crew = Crew(recipe, source, plans, run_id, pg)
+    run: dict[str, Any] = {"levels": None, "outputs": {}, "timings": {}, "phase": "starting"}
     try:
-        for attempt in range(recipe.distributed.max_attempts):
-            actors = _start_actors(recipe, source, plans, attempt, run_id, pg)
+        crew.start_all()
+        lost: ActorsLost | None = None
+        while True:
             try:
-                result = _attempt(recipe, actors, batch_refs, failures)
-                # Gathering is part of the attempt: an actor lost now is recovered like one lost while solving.
+                if lost is not None:
+                    _recover(recipe, crew, lost, run)      # (a replacement lost while loading: recovered again)
+                    lost = None
+                actors = crew.actors
+                _run_phases(recipe, crew, batch_refs, run)
+                result = {"levels": run["levels"], "timings": run["timings"]}
+                # Gathering is part of the run: an actor lost now is replaced like one lost while solving.
                 records = [LayerRecord(**r) for part in ray.get([a.get_records.remote() for a in actors])
                            for r in part]
                 ray.get([a.release.remote() for a in actors])
                 write_start = time.perf_counter()
-                state: dict[str, torch.Tensor] = {}
-                parts = ray.get([a.state.remote() for a in actors])
-                for part in parts:
-                    state.update(part)
-                for part, keys in zip(parts, ray.get([a.batchnorm_measured.remote() for a in actors])):
-                    state.update({k: part[k] for k in keys})          # re-estimated statistics from who ran them
-                del parts
-                stats = ray.get([a.stats.remote() for a in actors])       # after gathering: its memory counts
+                shards = _write_shards(recipe, actors)
+                stats = ray.get([a.stats.remote() for a in actors])       # after writing: its memory counts
                 break
+            except ActorsLost as err:
+                lost = err
             except ACTOR_FAILURES as err:
-                _kill(actors)
-                worst = max(failures.items(), key=lambda kv: kv[1], default=(None, 0))
-                if attempt + 1 >= recipe.distributed.max_attempts:
-                    where = f" while solving layer {worst[0]!r}" if worst[0] else ""
-                    raise RuntimeError(f"an actor died{where} in {attempt + 1} attempts "
-                                       f"(distributed.max_attempts={recipe.distributed.max_attempts}): {err}") from None
-                log.warning("an actor died (%s); attempt %d of %d resumes from the layers already written",
-                            type(err).__name__, attempt + 2, recipe.distributed.max_attempts)
+                lost = ActorsLost(err, [])
     finally:
         # However the run ends (done, failed, Ctrl-C, SIGTERM): no actor and no reservation outlives it; the
         # layer files written so far stay, so a rerun resumes.
-        _kill(actors)
+        crew.kill()
         from ray.util.placement_group import remove_placement_group
 
         remove_placement_group(pg)
@@ -340,10 +347,11 @@ def prune_distributed(recipe: Recipe, source: ModelSource | None = None, write: 
                  "solve %.1fs", s["index"], s["peak_rss_mb"], s["baseline_rss_mb"], stages, s["load_seconds"],
                  s["calibrate_seconds"], s["solve_seconds"])
     timings = dict(result["timings"], load=max(s["load_seconds"] for s in stats))
-    manifest = write_output(recipe, state, [r.row() for r in records], input_spec, timings,
-                            extra={"engine": "ray", "actors": stats, "plan": [list(p.stages) for p in plans]},
-                            source=source)
-    del state
+    manifest = write_output(recipe, None, [r.row() for r in records], input_spec, timings,
+                            extra={"engine": "ray", "actors": stats, "plan": [list(p.stages) for p in plans],
+                                   "actor_starts": crew.starts,
+                                   "recoveries": [dataclasses.asdict(r) for r in crew.recoveries]},
+                            source=source, shards=shards)
     timings.update(write=time.perf_counter() - write_start, total=time.perf_counter() - total_start)
     manifest["timings"] = timings
     print(layer_table(records))

@@ -102,3 +102,26 @@ def plan_table(plans: list[ActorPlan]) -> str:
 
 def plan_json(plans: list[ActorPlan]) -> str:
     return json.dumps([asdict(p) for p in plans], indent=1)
+
+
+def shard_owners(held: list[list[str]], measured: list[list[str]]) -> list[list[str]]:
+    """Which actor writes which tensor into its shard of the output: every tensor exactly once.
+
+    ``held[i]``: the state-dict keys actor ``i`` holds; ``measured[i]``: the BatchNorm statistics it re-estimated.
+    A tensor held by several actors (the modules outside the blocks: the first actor holds them for the prefix,
+    the last for the suffix) is written by the last of them, except statistics re-estimated by the actor that
+    runs their module, which that actor writes (another holder's copy was reset, not measured).
+
+    Returns:
+        ``owned[i]``: the keys actor ``i`` writes, in the order it holds them.
+    """
+    owner: dict[str, int] = {}
+    for i, keys in enumerate(held):
+        for key in keys:
+            owner[key] = i
+    for i, keys in enumerate(measured):
+        for key in keys:
+            if key not in held[i]:
+                raise ValueError(f"actor {i} reports re-estimated statistics {key!r} it does not hold")
+            owner[key] = i
+    return [[k for k in keys if owner[k] == i] for i, keys in enumerate(held)]

@@ -82,7 +82,14 @@ def test_distributed_equals_single_process(ray_cluster, assets: Path, model: str
                                        distributed={"actors": actors, "num_cpus": 1}))
         manifest = prune(recipe).manifest
         assert manifest["recipe_hash"] == local.recipe.hash
-        stages = {"load", "calibrate", "solve", "gather"} if mode == "independent" else {"load", "solve", "gather"}
+        # sharded: one file per actor, written by it, the index names each tensor's shard exactly once
+        shards = [f"model-{i:05d}-of-{actors:05d}.safetensors" for i in range(1, actors + 1)]
+        assert manifest["weights"] == "model.safetensors.index.json"
+        assert sorted(n for n in manifest["files"] if n.startswith("model-")) == shards
+        index = json.loads((Path(recipe.output) / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"]) == set(expected) and set(index["weight_map"].values()) == set(shards)
+        assert not (Path(recipe.output) / "model.safetensors").exists()
+        stages = {"load", "calibrate", "solve", "output"} if mode == "independent" else {"load", "solve", "output"}
         assert all(stages <= set(a["stage_peak_rss_mb"]) for a in manifest["actors"])
         sparse, _ = load_sparse(recipe.output)
         for key, tensor in sparse.state_dict().items():
@@ -173,7 +180,7 @@ def test_rerun_resumes_without_solving_again(ray_cluster, assets: Path) -> None:
     ({"actors": 0}, "need at least 1 actor"),
     ({"actors": 4}, "only 3 blocks"),
     ({"actors": 2, "num_cpus": 3}, "the Ray cluster has 4"),
-    ({"actors": 1, "num_gpus": 1}, "GPUs"),
+    ({"actors": 1, "num_gpus": 1}, "GPU = 1 GPU, but the Ray cluster has 0"),
 ])
 def test_impossible_plans_fail_fast(ray_cluster, assets: Path, distributed: dict, message: str) -> None:
     recipe = recipe_from_dict(dict(tree(assets, "vit", "bad"), distributed=distributed))
@@ -193,7 +200,7 @@ def test_cli_prune_runs_on_ray_and_writes_plan(ray_cluster, assets: Path, tmp_pa
     manifest = json.loads((out / "sparsity.json").read_text())
     assert manifest["engine"] == "ray" and len(manifest["actors"]) == 2
     for actor in manifest["actors"]:                   # where each actor's memory went, by stage
-        assert {"load", "solve", "gather"} <= set(actor["stage_peak_rss_mb"])      # (sequential: no calibrate)
+        assert {"load", "solve", "output"} <= set(actor["stage_peak_rss_mb"])      # (sequential: no calibrate)
         assert actor["peak_rss_mb"] >= max(actor["stage_peak_rss_mb"].values()) - 1
     assert "ray engine" in capsys.readouterr().out
 

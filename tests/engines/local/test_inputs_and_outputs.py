@@ -114,8 +114,8 @@ def test_identical_runs_in_separate_processes_write_identical_files(workdir: Pat
 def test_the_weights_writer_is_byte_stable_across_processes(tmp_path: Path) -> None:
     """safetensors writes header metadata in a per-process hash order: with more than one metadata key, identical
     runs would differ in bytes (and checksums) about half the time. Five processes must agree."""
-    script = ("import sys, torch; from cap_dist.output import _write_weights; "
-              "print(_write_weights(sys.argv[1], {'b.weight': torch.arange(6.).reshape(2, 3), 'a': torch.ones(2)}))")
+    script = ("import sys, torch; from cap_dist.shards import write_safetensors; print(write_safetensors("
+              "sys.argv[1], {'b.weight': torch.arange(6.).reshape(2, 3), 'a': torch.ones(2)}).sha256)")
     digests = {subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{i}.safetensors")], check=True,
                               capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED="random"),
                               cwd=ROOT).stdout.strip() for i in range(5)}
