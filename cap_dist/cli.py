@@ -103,8 +103,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         metrics["knn_top1"] = knn_from_batches(model, bank, batches)
         if dense is not None:
             metrics["dense_knn_top1"] = knn_from_batches(dense, bank, batches)
-    plot = args.plot or f"{args.output.rstrip('/')}/layers.png"
-    plot_layer_report(read_report(args.output), plot)
+    rows = read_report(args.output)
+    plot = None
+    if rows and all("rel_error" in row for row in rows):
+        plot = args.plot or f"{args.output.rstrip('/')}/layers.png"
+        plot_layer_report(rows, plot)
+    else:                                     # structured outputs (and their finetunes) have no per-layer solves
+        metrics["plot_skipped"] = "the output has no per-layer errors to plot (structured pruning alone)"
+    if manifest.get("structured"):
+        metrics["structured"] = {r["name"]: f"{r['groups']} -> {r['kept']}" for r in manifest["structured"]}
     print(json.dumps({**metrics, "sparsity": manifest["sparsity"], "plot": plot}, indent=1))
     return 0
 
@@ -150,6 +157,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {sizes['path']}: {sizes['compact_bytes']:,} bytes, {sizes['ratio']:.1%} of the dense "
           f"{sizes['dense_bytes']:,} ({sizes['layers']} sparse layers, {sizes['quantized_layers']} as integer codes); "
           "restores the dense weights bit-exactly (cap_dist.compact.load_compact)")
+    return 0
+
+
+def _cmd_onnx(args: argparse.Namespace) -> int:
+    """Export a pruning output to ONNX and check ONNX Runtime against torch (and an int8 graph with --int8)."""
+    from cap_dist.deploy import export_output, quantize_int8
+
+    path, check = export_output(args.output, args.out)
+    print(f"wrote {path}: ONNX Runtime matches torch on a {list(check.input_shape)} batch (max |diff| "
+          f"{check.max_abs_diff:.2e} at output scale {check.max_abs_output:.2g})")
+    if args.int8:
+        int8 = quantize_int8(path, path.removesuffix(".onnx") + ".int8.onnx")
+        print(f"wrote {int8}: int8 MatMul/Gemm weights (ONNX Runtime dynamic quantization)")
     return 0
 
 
@@ -204,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="compact file of a pruning output: kept values + bitmask (+ int codes)")
     export.add_argument("output", help="pruning output folder or URI")
     export.set_defaults(func=_cmd_export)
+
+    onnx = sub.add_parser("onnx", help="export a pruning output to ONNX (reduced shapes of a structured prune) and "
+                                       "check ONNX Runtime against torch")
+    onnx.add_argument("output", help="pruning output folder")
+    onnx.add_argument("--out", default=None, help="ONNX file to write (default: <output>/model.onnx)")
+    onnx.add_argument("--int8", action="store_true", help="also write <name>.int8.onnx (ORT dynamic int8)")
+    onnx.set_defaults(func=_cmd_onnx)
 
     evaluate = sub.add_parser("eval", help="evaluate a pruned output against its dense model")
     evaluate.add_argument("output", help="pruning output folder or URI")

@@ -174,6 +174,37 @@ class PruneConfig(_Strict):
         return self
 
 
+class StructuredConfig(_Strict):
+    """Structured pruning before everything else: whole MLP hidden units, attention heads and expansion channels
+    are removed (greedy group OBS on each consumer layer's input Hessian, exact updates of what remains), leaving a
+    physically smaller model. ``prune`` then sparsifies / quantizes what remains; ``prune.sparsity: 0`` (and no
+    N:M, no quantize) stops after the structured step. See cap_dist/structured."""
+
+    target: float = Field(gt=0.0, lt=1.0, description="fraction of the dense model's compute (measure=flops) or "
+                                                       "parameters (measure=params) that stays, e.g. 0.6")
+    measure: Literal["flops", "params"] = "flops"
+    structures: list[Literal["mlp", "heads", "channels"]] = Field(
+        default_factory=lambda: ["mlp", "heads", "channels"], description="what may be removed (kinds the model "
+                                                                          "lacks are skipped)")
+    method: Literal["cap", "obs", "magnitude"] = Field("cap", description=(
+        "cap: greedy group OBS with inverse downdates; obs: one-shot group OBS scores; magnitude: group L2 norm. "
+        "All three end with the exact least-squares re-solve of the kept columns"))
+    allocation: Literal["global", "uniform"] = Field("global", description=(
+        "global: per-structure counts minimising the summed relative loss per saved MAC/parameter; uniform: the "
+        "same fraction of groups everywhere"))
+    max_fraction: float = Field(0.9, gt=0.0, lt=1.0, description="the most of one module's groups removed")
+    damp: float = Field(0.01, ge=0.0)
+    damp_mode: Literal["relative", "mean"] = "relative"
+    ignore: list[str] = Field(default_factory=list, description="module names (and their children) left whole")
+    mode: Literal["independent", "sequential"] = Field("independent", description=(
+        "independent: every module's groups chosen and re-solved on dense activations; sequential: the counts are "
+        "allocated on dense activations, then each module in model order is re-calibrated on the outputs of the "
+        "modules pruned before it and its groups chosen and re-solved there (one forward pass per module)"))
+    multiple_of: int = Field(1, ge=1, description=(
+        "every reduced consumer keeps a multiple of this many input columns (8 or 16 suit vector units; an N:M "
+        "prune.pattern needs a multiple of M, a quantize.group_size a multiple of it)"))
+
+
 class DistributedConfig(_Strict):
     """How the Ray engine shards the model: one actor per contiguous range of blocks."""
 
@@ -296,6 +327,19 @@ class Recipe(_Strict):
     storage: StorageConfig = StorageConfig()
     finetune: FinetuneConfig | None = Field(None, description="recovery after every pruning step (cap-dist run)")
     schedule: ScheduleConfig = Field(ScheduleConfig(), description="gradual pruning steps up to prune.sparsity")
+    structured: StructuredConfig | None = Field(None, description="remove whole structures first (a smaller model)")
+
+    @model_validator(mode="after")
+    def _structured_widths(self) -> "Recipe":
+        if self.structured is None:
+            return self
+        need = {"prune.pattern": self.prune.pattern.m if self.prune.pattern.structured else 1,
+                "prune.quantize.group_size": (self.prune.quantize.group_size or 1) if self.prune.quantize.bits else 1}
+        for key, width in need.items():
+            if self.structured.multiple_of % width:
+                raise ValueError(f"{key} needs every layer's input width to be a multiple of {width}; set "
+                                 f"structured.multiple_of to a multiple of {width} (now {self.structured.multiple_of})")
+        return self
 
     @property
     def hash(self) -> str:
@@ -303,6 +347,8 @@ class Recipe(_Strict):
         which engine or how many threads computed it (the Ray engine reproduces the local result)."""
         payload = self.model_dump(mode="json", exclude={"output", "overwrite", "engine", "distributed", "threads",
                                                                     "storage"})
+        if payload.get("structured") is None:      # recipes without the section keep the hashes they had
+            payload.pop("structured", None)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

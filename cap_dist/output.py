@@ -105,7 +105,8 @@ def _sha256(data: bytes) -> str:
 def write_output(recipe: Recipe, state: dict[str, torch.Tensor] | None, rows: list[dict[str, Any]],
                  input_spec: dict[str, Any], timings: dict[str, float], extra: dict[str, Any] | None = None,
                  extra_files: dict[str, str] | None = None, source: ModelSource | None = None,
-                 shards: list[WrittenFile] | None = None) -> dict[str, Any]:
+                 shards: list[WrittenFile] | None = None,
+                 structured: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write weights, report and (last) the manifest; the same layout from every engine.
 
     ``state``: the whole model, written as one ``model.safetensors``; or None with ``shards``: the shard files
@@ -114,7 +115,9 @@ def write_output(recipe: Recipe, state: dict[str, torch.Tensor] | None, rows: li
     ``extra``: further manifest keys (``engine``, the Ray engine's actors and plan, a finetune's facts).
     ``extra_files``: ``{name: sha256}`` of further files the caller already wrote under the output (a finetune
     run's ``metrics.parquet`` and ``curves.png``), listed in the manifest and checked like the others.
-    ``source``: the recipe's model source, already parsed (parsed here otherwise)."""
+    ``source``: the recipe's model source, already parsed (parsed here otherwise).
+    ``structured``: reduced shapes to record in ``model.json`` (a sharded write of a structured model; a whole
+    ``state`` records its own)."""
     if (state is None) == (shards is None):
         raise ValueError("write_output takes the whole state or the written shards, exactly one of them")
     root = recipe.output
@@ -143,7 +146,7 @@ def write_output(recipe: Recipe, state: dict[str, torch.Tensor] | None, rows: li
         atomic_write_bytes(_join(root, REPORT), sink.getvalue())
         digests[REPORT] = _sha256(sink.getvalue())
         written.append(REPORT)
-        spec = json.dumps(source.output_model_json(input_spec, weights), indent=1).encode()
+        spec = json.dumps(_model_json(source, input_spec, weights, state, structured), indent=1).encode()
         atomic_write_bytes(_join(root, MODEL_JSON), spec)
         digests[MODEL_JSON] = _sha256(spec)
         written.append(MODEL_JSON)
@@ -168,6 +171,22 @@ def write_output(recipe: Recipe, state: dict[str, torch.Tensor] | None, rows: li
     atomic_write_bytes(_join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
     _remove_stale_weights(root, keep={weights, *(s.name for s in shards or [])})
     return manifest
+
+
+def _model_json(source: ModelSource, input_spec: dict[str, Any], weights: str,
+                state: dict[str, torch.Tensor] | None, structured: dict[str, Any] | None) -> dict[str, Any]:
+    """The output's ``model.json``; where structured pruning made modules smaller than the source's, their shapes
+    go under ``structured`` so the output rebuilds (:func:`load_sparse`, or as a model source). Sharded writes
+    (``state`` None) record the shapes their caller passes."""
+    from cap_dist.models.structures import infer_structure_shapes
+
+    model_json = source.output_model_json(input_spec, weights)
+    shapes = dict(structured or {})
+    if state is not None:
+        shapes.update(infer_structure_shapes(source.meta_skeleton(), state))
+    if shapes:
+        model_json["structured"] = {**model_json.get("structured", {}), **shapes}
+    return model_json
 
 
 def _check_shards_on_store(root: str, shards: list[WrittenFile]) -> None:
@@ -295,6 +314,24 @@ def weights_digest(manifest: dict[str, Any]) -> str | None:
     return _sha256(json.dumps(shards).encode()) if shards else None
 
 
+def structure_shapes_of(uri: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The reduced shapes of a structured prune recorded in the output's ``model.json`` (empty for others)."""
+    if MODEL_JSON not in manifest.get("files", {}):
+        return {}
+    return json.loads(read_verified(uri, MODEL_JSON, manifest)).get("structured") or {}
+
+
+def output_skeleton(uri: str, manifest: dict[str, Any]) -> nn.Module:
+    """The randomly initialised module an output's weights fit: its recipe's model, with the smaller modules of a
+    structured prune (build it under ``torch.device("meta")`` to allocate nothing)."""
+    from cap_dist.models.structures import apply_structure_shapes
+
+    recipe = recipe_from_dict(manifest["recipe"], _join(uri, MANIFEST))
+    model = ModelSource.of(recipe.model).skeleton()
+    apply_structure_shapes(model, structure_shapes_of(uri, manifest))
+    return model
+
+
 def load_sparse(uri: str) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a pruned model from an output folder or URI (single file or sharded).
 
@@ -302,8 +339,7 @@ def load_sparse(uri: str) -> tuple[nn.Module, dict[str, Any]]:
         (model in eval mode with the sparse weights, the manifest).
     """
     manifest = read_manifest(uri)
-    recipe = recipe_from_dict(manifest["recipe"], _join(uri, MANIFEST))
-    model = ModelSource.of(recipe.model).skeleton()
+    model = output_skeleton(uri, manifest)
     state = load_output_weights(uri, manifest)
     model.load_state_dict(state, strict=True)
     return model.eval(), manifest

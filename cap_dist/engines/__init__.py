@@ -49,6 +49,8 @@ def prune(recipe: Recipe | str, overrides: list[str] | None = None, *, write: bo
     from cap_dist.models.source import ModelSource
 
     storage.configure(recipe.storage)
+    if recipe.structured is not None:
+        return _prune_structured_first(recipe, write)
     if write:
         finished = prepare_output(recipe)
         if finished is not None:
@@ -68,6 +70,27 @@ def prune(recipe: Recipe | str, overrides: list[str] | None = None, *, write: bo
     from cap_dist.engines.distributed.driver import prune_distributed
 
     return prune_distributed(recipe, source, write=write)
+
+
+def _prune_structured_first(recipe: Recipe, write: bool) -> PruneResult:
+    """Structures first (in this process, :mod:`cap_dist.structured.run`), then the recipe's engine on what remains
+    (the structured output as its model source); without further work the structured output is the result."""
+    from cap_dist.structured.run import (follow_up_recipe, prune_structured_output, remaining_work,
+                                         structured_recipe)
+
+    first = structured_recipe(recipe)
+    if remaining_work(recipe) and not write:
+        raise RecipeError("structured pruning followed by prune.sparsity / pattern / quantize writes the structured "
+                          "model first (it is the next step's model source); run it with write=True")
+    finished = prepare_output(first) if write else None
+    if finished is not None:
+        log.info("%s already holds this recipe's structured output: reusing it", first.output)
+        result = _reused(first, finished)
+    else:
+        result = prune_structured_output(first, write=write)
+    if not remaining_work(recipe):
+        return result
+    return prune(follow_up_recipe(recipe), write=write)
 
 
 def _reused(recipe: Recipe, manifest: dict) -> PruneResult:

@@ -93,27 +93,37 @@ def _sequential(recipe: Recipe, model: nn.Module, batches: list[Batch], layers: 
     return records
 
 
+def load_on_device(recipe: Recipe, source: ModelSource) -> tuple[nn.Module, dict, torch.device]:
+    """The source's model on the recipe's device (threads set as the recipe says), its input preprocessing, and
+    the device."""
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    model = source.load()
+    input_spec = source.input_spec(model)
+    device = device_of(recipe.device)
+    return model.to(device), input_spec, device
+
+
+def calibration_batches(recipe: Recipe, input_spec: dict, device: torch.device) -> list[Batch]:
+    """The recipe's calibration images (and labels) as batches on ``device``."""
+    from cap_dist.data.draw import draw_batches
+
+    return [(x.to(device), None if y is None else y.to(device))
+            for x, y in draw_batches(recipe.calibration, input_spec, purpose="calibration")]
+
+
 def prune_local(recipe: Recipe, source: ModelSource | None = None, write: bool = True) -> PruneResult:
     """Prune the model a recipe describes in this process and (by default) write the result to ``recipe.output``.
 
     ``source``: the recipe's model source, already parsed (by :func:`cap_dist.engines.prune`)."""
-    from cap_dist.data.draw import draw_batches
-
-    if recipe.threads:
-        torch.set_num_threads(recipe.threads)
     total = time.perf_counter()
-    start = time.perf_counter()
     source = source if source is not None else ModelSource.of(recipe.model)
-    model = source.load()
-    input_spec = source.input_spec(model)
-    device = device_of(recipe.device)
-    model.to(device)
+    model, input_spec, device = load_on_device(recipe, source)
     layers = select_layers(model, recipe.model)
     check_layers_fit(recipe.prune, layers)
-    t_load = time.perf_counter() - start
+    t_load = time.perf_counter() - total
     start = time.perf_counter()
-    batches = [(x.to(device), None if y is None else y.to(device))
-               for x, y in draw_batches(recipe.calibration, input_spec, purpose="calibration")]
+    batches = calibration_batches(recipe, input_spec, device)
     t_data = time.perf_counter() - start
     cfg = recipe.prune
     log.info("pruning %d layers of %s with %s (%s, %s mode)", len(layers), recipe.model.source, cfg.method,

@@ -49,6 +49,11 @@ def step_recipes(recipe: Recipe) -> list[tuple[float, str, str]]:
             raise ValueError(f"pattern {recipe.prune.pattern} fixes the sparsity; use schedule.steps=1 (one-shot "
                              "N:M + finetune)")
         levels = [recipe.prune.pattern.sparsity]
+    elif recipe.structured is not None and recipe.prune.sparsity == 0:
+        if recipe.schedule.steps != 1:
+            raise ValueError("structured pruning alone (prune.sparsity=0) is one step: use schedule.steps=1 "
+                             "(structured prune + finetune), or give prune.sparsity for later steps")
+        levels = [0.0]
     else:
         levels = schedule_sparsities(recipe.schedule, recipe.prune.sparsity)
     root = recipe.output.rstrip("/")
@@ -57,10 +62,12 @@ def step_recipes(recipe: Recipe) -> list[tuple[float, str, str]]:
             for k, s in enumerate(levels)]
 
 
-def _prune_recipe(recipe: Recipe, model: ModelConfig, sparsity: float, output: str) -> Recipe:
+def _prune_recipe(recipe: Recipe, model: ModelConfig, sparsity: float, output: str, first: bool = True) -> Recipe:
+    """One step's pruning recipe; structures are removed in the first step only (later steps start from the
+    finetuned smaller model, whose model.json keeps its shapes)."""
     prune = recipe.prune.model_copy(update={"sparsity": sparsity, "keep_zeros": True})
     return recipe.model_copy(update={"model": model, "prune": prune, "output": output, "finetune": None,
-                                     "schedule": ScheduleConfig()})
+                                     "schedule": ScheduleConfig(), "structured": recipe.structured if first else None})
 
 
 def _finished(uri: str, recipe_hash: str | None = None) -> dict[str, Any] | None:
@@ -117,7 +124,7 @@ def run_gradual(recipe: Recipe) -> dict[str, Any]:
     previous: str | None = None
     rows: list[dict[str, Any]] = []
     for k, (sparsity, pruned_uri, tuned_uri) in enumerate(steps):
-        step = _prune_recipe(recipe, model, sparsity, pruned_uri)
+        step = _prune_recipe(recipe, model, sparsity, pruned_uri, first=k == 0)
         row: dict[str, Any] = {"step": k + 1, "target_sparsity": sparsity, "pruned": pruned_uri,
                                "finetuned": tuned_uri}
         t0 = time.perf_counter()

@@ -22,6 +22,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -64,18 +65,16 @@ def load_student(uri: str, manifest: dict[str, Any], worker: Worker, ft: Any, lo
     ``load="sharded"``: each rank reads its rows by ranged reads (every file's size checked against the
     manifest; the sha256 needs a whole read and is checked by ``load_sparse``); ``"rank0"``: rank 0 reads the
     whole output (every checksum verified) and broadcasts."""
-    from cap_dist.config import recipe_from_dict
     from cap_dist.finetune.sharded_io import broadcast_from_rank0, build_sharded
-    from cap_dist.models.source import ModelSource
-    from cap_dist.output import check_output_sizes, load_output_weights, weights_of
+    from cap_dist.output import check_output_sizes, load_output_weights, output_skeleton, weights_of
 
-    source = ModelSource.of(recipe_from_dict(manifest["recipe"], f"{uri}/sparsity.json").model)
+    skeleton = partial(output_skeleton, uri, manifest)         # the smaller modules of a structured prune, if any
     place = _placement(worker, ft)
     if load == "rank0":
-        return broadcast_from_rank0(source.skeleton, lambda m: shard_model(m, worker.mesh, ft), place, worker.rank,
+        return broadcast_from_rank0(skeleton, lambda m: shard_model(m, worker.mesh, ft), place, worker.rank,
                                     lambda: load_output_weights(uri, manifest))
     check_output_sizes(uri, manifest)
-    return build_sharded(source.skeleton, lambda m: shard_model(m, worker.mesh, ft), place, weights_of(uri, manifest))
+    return build_sharded(skeleton, lambda m: shard_model(m, worker.mesh, ft), place, weights_of(uri, manifest))
 
 
 def load_teacher(recipe: Recipe, worker: Worker, load: str = "sharded") -> nn.Module:

@@ -113,7 +113,7 @@ def write_finetuned(recipe: Recipe, output_uri: str, shards: Sequence[WrittenFil
         history: the per-epoch metrics rows.
         info: run facts recorded under the manifest's ``finetune`` key.
     """
-    from cap_dist.output import write_output
+    from cap_dist.output import structure_shapes_of, write_output
 
     root = output_uri.rstrip("/")
     digests = {}
@@ -126,4 +126,5 @@ def write_finetuned(recipe: Recipe, output_uri: str, shards: Sequence[WrittenFil
     out_recipe = recipe.model_copy(update={"output": output_uri})
     return write_output(out_recipe, None, rows, dict(student_manifest["input"]), timings,
                         # Written by a Ray Train group, so the Ray engine's key, as every other output names its engine.
-                        extra={"engine": "ray", "finetune": info}, extra_files=digests, shards=list(shards))
+                        extra={"engine": "ray", "finetune": info}, extra_files=digests, shards=list(shards),
+                        structured=structure_shapes_of(info["student"], dict(student_manifest)))

@@ -240,6 +240,13 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if spec.head is not None:
         path, head = parse_head(spec.head)
         _set_submodule(model, path, head)
+    if "structured" in spec.raw:                  # an output of structured pruning: its smaller modules
+        from cap_dist.models.structures import StructureError, apply_structure_shapes
+
+        try:
+            apply_structure_shapes(model, spec.raw["structured"])
+        except StructureError as err:
+            raise ModelLoadError(f"{spec.source or MODEL_JSON}: {err}") from None
     return model
 
 

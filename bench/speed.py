@@ -1,0 +1,308 @@
+"""End-to-end speed of structured pruning, measured: latency of the dense, structured and structured + int8 models in
+torch eager and ONNX Runtime; accuracy one-shot (structured CAP vs group magnitude vs one-shot group OBS at the same
+compute target) and after a Ray Train recovery of the CAP model.
+
+    python bench/speed.py                                  # every case (timing needs a quiet machine)
+    python bench/speed.py --quick --out DIR                # vit4mnist alone (< 20 min on 2 cores), leaves the
+                                                           # recovered model at DIR/vit4mnist-structured
+    python bench/speed.py --cases vitb16-shape --threads 2
+
+Cases:
+* ``vit4mnist``: the real MNIST ViT (../shared). Calibrate on 512 of MNIST test images 0..7,999, finetune (distil
+  from the dense model, Ray Train, 2 workers) on 0..7,999, evaluate on 8,000..9,999. Latency at batch 1, 64, 256.
+* ``effnet-lite0``: the real EfficientNet-Lite0 (../shared): expansion channels removed; calibrate and finetune on
+  ImageNet samples 0..599, evaluate on 600..999 (as bench/finetune.py). Latency at batch 1 and 64.
+* ``vitb16-shape``: a ViT-B/16 (random weights: the latency of its shapes) whose MLP widths and heads are cut
+  uniformly to the compute target; no accuracy. Latency at batch 1 and 64.
+
+Latency: median wall time of ``--reps`` calls after warm-up, ``--threads`` intra-op threads for torch and ORT alike.
+int8: torch's dynamic int8 Linear (``torch.ao.quantization.quantize_dynamic``) in eager, ONNX Runtime's dynamic int8
+MatMul/Gemm for ORT (:func:`cap_dist.deploy.quantize_int8`). Writes ``bench/results/speed.json`` (``--results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.finetune import effnet, vit4mnist  # noqa: E402
+from bench.scaling import start_local_ray  # noqa: E402
+from cap_dist.config import load_recipe  # noqa: E402
+from cap_dist.data.draw import draw_batches  # noqa: E402
+from cap_dist.deploy import export_onnx, ort_session, quantize_int8  # noqa: E402
+from cap_dist.engines import prune  # noqa: E402
+from cap_dist.eval import evaluate_model  # noqa: E402
+from cap_dist.models.source import load_model  # noqa: E402
+from cap_dist.models.structures import apply_structure_shapes, find_structures  # noqa: E402
+from cap_dist.output import load_sparse  # noqa: E402
+from cap_dist.structured.costs import module_macs  # noqa: E402
+
+METHODS = ("cap", "obs", "magnitude")
+
+
+def structured_overrides(target: float, method: str, structures: list[str]) -> list[str]:
+    return ["engine=local", "prune.sparsity=0", "schedule.first=null",
+            f"structured={{target: {target}, method: {method}, structures: [{', '.join(structures)}]}}"]
+
+
+CASES: dict[str, dict[str, Any]] = {
+    "vit4mnist": {"recipe": "jobs/vit4mnist.yaml", "model": "vit4mnist", "finetune": lambda e: vit4mnist(0.0, 1, e),
+                  "epochs": 6,
+                  "quick_epochs": 2, "target": 0.5, "structures": ["mlp", "heads"], "batches": (1, 64, 256)},
+    "effnet-lite0": {"recipe": "jobs/effnet_lite0.yaml", "model": "tf_efficientnet_lite0",
+                     "finetune": lambda e: effnet(0.0, 1, e), "epochs": 4,
+                     "quick_epochs": 1, "target": 0.75, "structures": ["channels"], "batches": (1, 64)},
+    "vitb16-shape": {"shape_only": "vit_base_patch16_224", "target": 0.5, "batches": (1, 64)},
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Latency
+
+
+def _median_ms(call, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def torch_latency(model: nn.Module, shape: tuple[int, ...], reps: int) -> float:
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        return _median_ms(lambda: model(x), reps)
+
+
+def ort_latency(path: str, shape: tuple[int, ...], reps: int, threads: int) -> float:
+    session = ort_session(path, threads)
+    feed = {"images": torch.randn(shape).numpy()}
+    return _median_ms(lambda: session.run(None, feed), reps)
+
+
+def torch_int8(model: nn.Module) -> nn.Module:
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # torch.ao.quantization's deprecation notice
+        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+def latency_rows(models: dict[str, nn.Module], image: tuple[int, int, int], batches: tuple[int, ...], reps: int,
+                 threads: int, workdir: Path) -> list[dict[str, Any]]:
+    """Every model at every batch in torch eager (float and int8) and ORT (float and int8)."""
+    rows = []
+    for name, model in models.items():
+        onnx_path = str(workdir / f"{name}.onnx")
+        export_onnx(model, torch.zeros((2, *image)), onnx_path)
+        int8_path = quantize_int8(onnx_path, str(workdir / f"{name}.int8.onnx"))
+        eager_int8 = torch_int8(model)
+        for batch in batches:
+            shape = (batch, *image)
+            n = max(3, reps // max(1, batch // 16))                 # fewer repetitions of the big batches
+            rows += [{"model": name, "runtime": "torch", "precision": "fp32", "batch": batch,
+                      "ms": torch_latency(model, shape, n)},
+                     {"model": name, "runtime": "torch", "precision": "int8", "batch": batch,
+                      "ms": torch_latency(eager_int8, shape, n)},
+                     {"model": name, "runtime": "ort", "precision": "fp32", "batch": batch,
+                      "ms": ort_latency(onnx_path, shape, n, threads)},
+                     {"model": name, "runtime": "ort", "precision": "int8", "batch": batch,
+                      "ms": ort_latency(int8_path, shape, n, threads)}]
+            print("  " + ", ".join(f"{r['model']} {r['runtime']} {r['precision']} b{r['batch']}: {r['ms']:.2f} ms"
+                                   for r in rows[-4:]), flush=True)
+    return rows
+
+
+def speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row's speed-up over the dense fp32 model in the same runtime at the same batch."""
+    base = {(r["runtime"], r["batch"]): r["ms"] for r in rows if r["model"] == "dense" and r["precision"] == "fp32"}
+    return [{**r, "speedup": base[(r["runtime"], r["batch"])] / r["ms"]} for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cases
+
+
+def _stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def macs_of(model: nn.Module, image: tuple[int, int, int]) -> float:
+    return sum(module_macs(model.eval(), torch.zeros((1, *image))).values())
+
+
+def real_case(name: str, case: dict[str, Any], out: Path, quick: bool, reps: int, threads: int,
+              recover: bool, work: Path, epochs: int | None = None) -> dict[str, Any]:
+    recipe_path = str(ROOT / case["recipe"])
+    epochs = epochs or (case["quick_epochs"] if quick else case["epochs"])
+    source = f"model.source={ROOT.parent / 'shared' / 'models' / case['model']}"   # absolute: outputs load anywhere
+    recipe = load_recipe(recipe_path, case["finetune"](epochs) + [source, f"output={work}/x"]
+                         + structured_overrides(case["target"], "cap", case["structures"]))
+    dense, spec = load_model(recipe.model.source)
+    evaluation = draw_batches(recipe.evaluation, spec, purpose="evaluation")
+    image = (int(spec.get("channels", 3)), int(spec["size"]), int(spec["size"]))
+    dense_macs = macs_of(dense, image)
+    dense_top1 = evaluate_model(dense, evaluation)["top1"]
+    oneshot = {}
+    for method in METHODS:
+        r = load_recipe(recipe_path, case["finetune"](epochs) + [source, f"output={work}/{name}-{method}"]
+                        + structured_overrides(case["target"], method, case["structures"]))
+        start = time.perf_counter()
+        prune(r)
+        model, _ = load_sparse(r.output)
+        metrics = evaluate_model(model, evaluation, dense_model=dense)
+        oneshot[method] = {"top1": metrics["top1"], "agreement": metrics["agreement"], "kl": metrics["kl"],
+                           "macs_kept": macs_of(model, image) / dense_macs,
+                           "params_kept": sum(p.numel() for p in model.parameters()) / sum(
+                               p.numel() for p in dense.parameters()),
+                           "prune_seconds": time.perf_counter() - start, "output": r.output}
+        print(f"{name} one-shot {method}: top-1 {metrics['top1']:.4f} (dense {dense_top1:.4f}), "
+              f"MACs kept {oneshot[method]['macs_kept']:.3f}", flush=True)
+    result: dict[str, Any] = {"case": name, "target": case["target"], "dense_top1": dense_top1,
+                              "eval_images": sum(int(x.shape[0]) for x, _ in evaluation), "oneshot": oneshot}
+    structured, _ = load_sparse(oneshot["cap"]["output"])
+    if recover:
+        from cap_dist.finetune.trainer import finetune
+
+        start_local_ray(cpus=2)
+        target = out / f"{name}-structured"
+        start = time.perf_counter()
+        finetune(recipe, oneshot["cap"]["output"], str(target))
+        structured, _ = load_sparse(str(target))
+        metrics = evaluate_model(structured, evaluation, dense_model=dense)
+        result["recovered"] = {"top1": metrics["top1"], "agreement": metrics["agreement"], "epochs": epochs,
+                               "relative_drop": (dense_top1 - metrics["top1"]) / dense_top1,
+                               "finetune_seconds": time.perf_counter() - start, "output": str(target)}
+        print(f"{name} recovered: top-1 {metrics['top1']:.4f} ({result['recovered']['relative_drop']:+.2%} relative "
+              f"to dense) -> {target}", flush=True)
+    _stop_ray()                                  # nothing of Ray's may run while latency is timed
+    models = {"dense": dense.eval(), "structured": structured.eval()}
+    result["latency"] = speedups(latency_rows(models, image, case["batches"], reps, threads, work))
+    return result
+
+
+def shape_case(name: str, case: dict[str, Any], reps: int, threads: int, work: Path) -> dict[str, Any]:
+    """A random-weight model cut uniformly to the target's MACs: latency of the shapes alone."""
+    import timm
+
+    image = (3, 224, 224)
+
+    def cut(fraction: float, device: str) -> nn.Module:
+        with torch.device(device):
+            model = timm.create_model(case["shape_only"], pretrained=False).eval()
+            found = find_structures(model, ("mlp", "heads"))
+            apply_structure_shapes(model, {s.name: {"kind": s.kind, "groups": max(1, round(fraction * s.groups))}
+                                           for s in found})
+        return model
+
+    def macs(model: nn.Module) -> float:
+        return sum(module_macs(model, torch.zeros((1, *image), device="meta")).values())
+
+    dense_macs = macs(cut(1.0, "meta"))
+    lo, hi = 0.0, 1.0
+    for _ in range(20):                         # the uniform kept fraction that meets the target (shapes only: meta)
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if macs(cut(mid, "meta")) / dense_macs <= case["target"] else (lo, mid)
+    torch.manual_seed(0)
+    dense, best = cut(1.0, "cpu"), cut(lo, "cpu")
+    result = {"case": name, "target": case["target"], "macs_kept": macs_of(best, image) / macs_of(dense, image),
+              "kept_fraction_of_groups": lo}
+    result["latency"] = speedups(latency_rows({"dense": dense, "structured": best}, image, case["batches"], reps,
+                                              threads, work))
+    return result
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = ["| case | model | batch | torch fp32 | torch int8 | ORT fp32 | ORT int8 |",
+             "|---|---|---|---|---|---|---|"]
+    for res in results:
+        cells: dict[tuple[str, int], dict[str, str]] = {}
+        for r in res["latency"]:
+            cells.setdefault((r["model"], r["batch"]), {})[f"{r['runtime']} {r['precision']}"] = (
+                f"{r['ms']:.2f} ms ({r['speedup']:.2f}×)")
+        for (model, batch), c in cells.items():
+            lines.append(f"| {res['case']} | {model} | {batch} | {c['torch fp32']} | {c['torch int8']} | "
+                         f"{c['ort fp32']} | {c['ort int8']} |")
+    acc = ["", "| case | dense top-1 | CAP one-shot | OBS one-shot | magnitude one-shot | CAP recovered |",
+           "|---|---|---|---|---|---|"]
+    for res in results:
+        if "oneshot" not in res:
+            continue
+        o = res["oneshot"]
+        rec = res.get("recovered")
+        recovered = f"{rec['top1']:.4f} ({rec['relative_drop']:+.2%})" if rec is not None else "–"
+        acc.append(f"| {res['case']} | {res['dense_top1']:.4f} | "
+                   + " | ".join(f"{o[m]['top1']:.4f} (MACs {o[m]['macs_kept']:.2f})" for m in METHODS)
+                   + f" | {recovered} |")
+    return "\n".join(lines + acc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--quick", action="store_true", help="vit4mnist alone, short recovery (< 20 min)")
+    parser.add_argument("--out", default=None, help="folder for the recovered models (default: a temporary one)")
+    parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "speed.json"))
+    parser.add_argument("--reps", type=int, default=30, help="timed calls per latency (fewer at big batches)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
+    parser.add_argument("--no-recovery", action="store_true", help="skip the Ray Train recovery")
+    parser.add_argument("--epochs", type=int, default=None, help="recovery epochs (default: per case; --quick: fewer)")
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes to time (default: per case)")
+    args = parser.parse_args(argv)
+    cases = ["vit4mnist"] if args.quick else [c.strip() for c in args.cases.split(",")]
+    unknown = set(cases) - set(CASES)
+    if unknown:
+        print(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(CASES)}", file=sys.stderr)
+        return 2
+    if any("recipe" in CASES[c] for c in cases) and not (ROOT.parent / "shared" / "models").is_dir():
+        print(f"needs the shared models and data at {ROOT.parent / 'shared'}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    recover = not args.no_recovery
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="capdist-speed-"))
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="capdist-speed-work-") as tmp:
+        for name in cases:
+            work = Path(tmp) / name
+            work.mkdir()
+            case = dict(CASES[name])
+            if args.batches:
+                case["batches"] = tuple(int(b) for b in args.batches.split(","))
+            if "shape_only" in case:
+                results.append(shape_case(name, case, args.reps, args.threads, work))
+            else:
+                results.append(real_case(name, case, out, args.quick, args.reps, args.threads, recover, work,
+                                         args.epochs))
+    print(table(results))
+    meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "threads": args.threads, "command": " ".join(sys.argv), "quick": args.quick, "results": results}
+    results_path = Path(args.results)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(meta, indent=1))
+    print(f"wrote {results_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
