@@ -233,10 +233,17 @@ ADMM_GROWTH = (1.3, 1.2, 1.1)
 """ρ's growth every ADMM_UPDATE_EVERY iterations when >10 %, >0.5 % or less of the support moved (ALPS's)."""
 ADMM_GROWTH_SLOW = (1.2, 1.1, 1.05)
 """The slower growth used where iterations are cheap: ~1.5× the iterations, masks 1-3 % better
-(bench/peers.py: vit4mnist and EfficientNet layers; at ALPS's schedule, a vit4mnist 2:4 layer stayed 0.1 %
-above ALPS)."""
+(bench/peers.py: vit4mnist layers; at ALPS's schedule, a vit4mnist 2:4 layer stayed 0.1 % above ALPS)."""
 ADMM_SLOW_WORK = 1e7
-"""rows·in² at or below which a layer gets the slower growth (768×3072 is 7e9; EfficientNet's conv_head 1e8)."""
+"""rows·in² at or below which a layer gets the slower growth: iterations there cost next to nothing (vit4mnist's
+layers are ≤ 1e6; EfficientNet-Lite0's conv_head 1.3e8 takes ALPS's schedule and stays below ALPS's error)."""
+ADMM_GROWTH_FAST = (1.5, 1.3, 1.1)
+"""The faster growth used where iterations are expensive: ~0.75× the iterations for masks 3-7 % worse, still
+below ALPS's error (bench/peers.py, the 768×3072 loud layer: 0.89-0.96× ALPS against 0.82-0.93×)."""
+ADMM_FAST_WORK = 2e9
+"""rows·in² at or above which a layer gets the faster growth: one iteration then costs about as much as the
+whole blocked greedy (4·rows·in² against rows·in·128² flops at in ≥ 2048) — ViT-B's fc2 (7e9), ViT-g's layers
+(6e10)."""
 ADMM_STOP = 3e-4
 """ADMM stops once fewer than this fraction of the pruned weights moved over the last ADMM_UPDATE_EVERY
 iterations."""
@@ -250,6 +257,12 @@ def admm_uses_explicit_inverse(rows: int, cols: int) -> bool:
     iteration, plus an in³ rebuild whenever ρ changes, every ADMM_UPDATE_EVERY iterations) rather than going
     through the eigenbasis (two products per iteration): cheaper when in < ADMM_UPDATE_EVERY·rows."""
     return cols < ADMM_UPDATE_EVERY * rows
+
+
+def admm_growth(rows: int, cols: int) -> tuple[float, float, float]:
+    """ρ's growth schedule for a layer: slower where iterations are cheap, faster where they are expensive."""
+    work = rows * cols * cols
+    return ADMM_GROWTH_SLOW if work <= ADMM_SLOW_WORK else ADMM_GROWTH_FAST if work >= ADMM_FAST_WORK else ADMM_GROWTH
 
 
 def admm_flops(rows: int, cols: int, iterations: int) -> float:
@@ -306,7 +319,7 @@ def admm_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, he
     weight's size is its output contribution), ADMM splits min ‖(W − B)‖²_Hₙ s.t. D sparse, B = D:
         B ← (Hₙ b₀ − V + ρD)(Hₙ + ρI)⁻¹,   Z = B + V/ρ,   D ← Π_sparse(Z),   V ← ρ(Z − D)
     (the last is V + ρ(B − D) written out), with ρ raised while the support moves (ALPS's schedule; slower
-    where a layer's iterations are cheap, see ADMM_SLOW_WORK).  The linear step goes through one
+    where a layer's iterations are cheap, faster where they are expensive: :func:`admm_growth`).  The linear step goes through one
     eigendecomposition of Hₙ: by an explicit inverse rebuilt when ρ changes on layers with few inputs per
     output, through the eigenbasis otherwise (:func:`admm_uses_explicit_inverse`).  The start is the given
     solution and its exact dual (D = B = ŵ, V = −Hₙ(ŵ − w)), a fixed point for large ρ, so ADMM only leaves
@@ -342,7 +355,7 @@ def admm_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, he
             inverse, inverse_rho = (q / (lam + r)) @ q.T, r
         return rhs @ inverse
 
-    growth = ADMM_GROWTH_SLOW if rows * cols * cols <= ADMM_SLOW_WORK else ADMM_GROWTH
+    growth = admm_growth(rows, cols)
     b = d
     thr = None
     new_mask = last_mask = keep

@@ -12,7 +12,9 @@ import torch
 from cap_dist.solvers import is_valid_n_m, parse_pattern, prune_layer, relative_error
 from cap_dist.solvers.numerics import damped
 from cap_dist.solvers.patterns import lowest_k_mask
-from cap_dist.solvers.polish import admm_masks, refine_masks, resolve_weights, threshold_keep
+from cap_dist.solvers.polish import (ADMM_GROWTH, ADMM_GROWTH_FAST, ADMM_GROWTH_SLOW, admm_flops, admm_growth,
+                                    admm_masks, admm_uses_explicit_inverse, refine_masks, resolve_weights,
+                                    threshold_keep)
 
 from tests.solvers.synthetic import correlated_problem
 from tests.solvers.test_cap_exactness import least_squares_fill
@@ -235,3 +237,15 @@ def test_resolve_reports_the_undamped_loss_of_what_it_returns() -> None:
     out, info = resolve_weights(w, base.weight, base.mask, h, damp=0.01)
     e = w.double() - out.double()
     assert info["resolve_loss"] == pytest.approx(0.5 * float(((e @ h.double()) * e).sum()), rel=1e-12)
+
+
+def test_admm_width_policy_follows_the_cost_of_an_iteration() -> None:
+    """Slow ρ growth where iterations cost nothing, ALPS's in between, fast at ViT widths; the explicit inverse
+    where in < 3·rows; the cost model counts one product per iteration there and two otherwise."""
+    assert admm_growth(64, 128) == ADMM_GROWTH_SLOW                   # vit4mnist
+    assert admm_growth(1280, 320) == ADMM_GROWTH                      # EfficientNet-Lite0 conv_head
+    assert admm_growth(1536, 6144) == ADMM_GROWTH_FAST                # ViT-g fc2
+    assert admm_uses_explicit_inverse(1280, 320) and not admm_uses_explicit_inverse(768, 3072)
+    product = 2.0 * 1536 * 6144 ** 2
+    assert admm_flops(1536, 6144, 10) == pytest.approx(9.0 * 6144 ** 3 + 10 * 2 * product)
+    assert admm_flops(1280, 320, 10) < 9.0 * 320 ** 3 + 10 * 2 * (2.0 * 1280 * 320 ** 2)
