@@ -28,14 +28,15 @@ MODEL_STEPS = [("cap(plain, BN kept)", "cap"), ("cap+resolve (BN kept)", "+ reso
 
 def layer_table(results: list[dict]) -> tuple[str, list[dict]]:
     ref = {(r["layer"], r["case"]): r["rel_error"] for r in results if r["method"] == "alps(upstream)"}
-    alps_seconds = sum(r["seconds"] for r in results if r["method"] == "alps(upstream)")
+    clock = "cpu_seconds" if all("cpu_seconds" in r for r in results) else "seconds"   # CPU time: see peers.py
+    alps_seconds = sum(r[clock] for r in results if r["method"] == "alps(upstream)")
     rows = []
     for method, label in LAYER_STEPS:
         mine = [r for r in results if r["method"] == method and (r["layer"], r["case"]) in ref]
         if not mine:
             continue
         ratios = [r["rel_error"] / ref[(r["layer"], r["case"])] for r in mine]
-        seconds = sum(r["seconds"] for r in mine)
+        seconds = sum(r[clock] for r in mine)
         rows.append(dict(step=label, method=method, cells=len(mine), geo_mean_vs_alps=math.exp(
             sum(map(math.log, ratios)) / len(ratios)), worst_vs_alps=max(ratios),
             at_or_below_alps=sum(x <= 1.0 for x in ratios), seconds=seconds, time_vs_alps=seconds / alps_seconds))

@@ -132,37 +132,41 @@ def run_layer(name: str, w: torch.Tensor, h: torch.Tensor, cases, peers: Peers |
         case = pattern if pattern != "unstructured" else f"{round(sparsity * 100)}%"
         runs = ours + (["sparsegpt(upstream)", "alps(upstream)"] if peers else [])
         for label in runs:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if label in OURS:
                 res = prune_layer(w, h, sparsity=sparsity, pattern=pattern, **OURS[label])
                 pruned = res.weight
             else:
                 pruned = peers.run(label, w, h, sparsity, pattern)
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
             err = relative_error(w, pruned, h64)
             achieved = float((pruned == 0).float().mean())
             results.append(dict(layer=name, shape=list(w.shape), case=case, method=label, rel_error=err,
-                                seconds=seconds, sparsity=achieved))
-            print(f"  {name:<34} {case:>4} {label:<22} err {err:.5f}  sparsity {achieved:.4f}  {seconds:7.2f}s",
-                  flush=True)
+                                seconds=seconds, cpu_seconds=cpu, sparsity=achieved))
+            print(f"  {name:<34} {case:>4} {label:<22} err {err:.5f}  sparsity {achieved:.4f}  {seconds:7.2f}s "
+                  f"wall {cpu:7.2f}s cpu", flush=True)
 
 
-def table(results: list[dict]) -> str:
+def table(results: list[dict], clock: str = "cpu_seconds") -> str:
+    """Markdown table; times are ``clock`` (``cpu_seconds``: the process's CPU time, which a machine shared with
+    other jobs inflates far less than wall time; ``seconds``: wall)."""
     methods = list(dict.fromkeys(r["method"] for r in results))
     ref = "alps(upstream)" if "alps(upstream)" in methods else "sparsegpt(faithful)"
-    lines = [f"relative error on the undamped H (ratio to {ref}); seconds", "",
+    clock = clock if all(clock in r for r in results) else "seconds"
+    unit = "CPU seconds" if clock == "cpu_seconds" else "wall seconds"
+    lines = [f"relative error on the undamped H (ratio to {ref}); {unit}", "",
              "| layer | case | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for key in dict.fromkeys((r["layer"], r["case"]) for r in results):
         cell = {r["method"]: r for r in results if (r["layer"], r["case"]) == key}
         base = cell[ref]["rel_error"]
-        row = [f"{cell[m]['rel_error']:.4g} ({cell[m]['rel_error'] / base:.2f}×) {cell[m]['seconds']:.1f}s"
+        row = [f"{cell[m]['rel_error']:.4g} ({cell[m]['rel_error'] / base:.2f}×) {cell[m][clock]:.1f}s"
                if m in cell else "—" for m in methods]
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(row) + " |")
     lines += ["", f"| geometric mean ratio to {ref} | | " + " | ".join(
         f"{math.exp(sum(math.log(r['rel_error'] / next(q['rel_error'] for q in results if q['layer'] == r['layer'] and q['case'] == r['case'] and q['method'] == ref)) for r in results if r['method'] == m) / max(1, sum(r['method'] == m for r in results))):.3f}"
         for m in methods) + " |"]
-    total = {m: sum(r["seconds"] for r in results if r["method"] == m) for m in methods}
-    lines.append("| total seconds | | " + " | ".join(f"{total[m]:.0f}" for m in methods) + " |")
+    total = {m: sum(r[clock] for r in results if r["method"] == m) for m in methods}
+    lines.append(f"| total {unit} | | " + " | ".join(f"{total[m]:.0f}" for m in methods) + " |")
     for peer in ("alps(upstream)", "sparsegpt(upstream)"):
         if peer in total:
             lines.append(f"| time ratio to {peer} | | " + " | ".join(f"{total[m] / total[peer]:.2f}×"

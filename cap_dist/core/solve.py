@@ -15,10 +15,9 @@ from cap_dist.core.records import LayerRecord
 from cap_dist.models.capture import flattened_weight, layer_columns, set_flattened_weight
 from cap_dist.solvers import LayerResult, LossCurve, prune_layer
 from cap_dist.solvers.numerics import quadratic_loss
+from cap_dist.solvers.polish import ADMM_TYPICAL_ITERATIONS, admm_flops, resolve_flops
 from cap_dist.solvers.quantize import quantize
 
-ADMM_TYPICAL_ITERATIONS = 45
-"""Where ADMM's early stop typically ends (bench/peers.py layers): the planner's cost estimate, not a limit."""
 
 if TYPE_CHECKING:
     from cap_dist.config import PruneConfig
@@ -105,8 +104,8 @@ def estimated_solve_flops(module: nn.Module, cfg: "PruneConfig") -> float:
     block = min(cfg.cap_block or columns, columns)
     flops = float(rows * columns * block ** 2)
     polish = cfg.polish
-    if polish["admm"]:              # eigendecomposition + ~45 iterations of two rows·in² products (early stop)
-        flops += 10.0 * columns ** 3 + 2.0 * min(polish["admm"], ADMM_TYPICAL_ITERATIONS) * rows * columns ** 2
-    if polish["resolve"]:           # ~20 conjugate-gradient steps of one rows·in² product
-        flops += 20.0 * rows * columns ** 2
+    if polish["admm"]:              # eigendecomposition + the iterations where the early stop typically ends
+        flops += admm_flops(rows, columns, min(polish["admm"], ADMM_TYPICAL_ITERATIONS))
+    if polish["resolve"]:
+        flops += resolve_flops(rows, columns)
     return flops

@@ -201,7 +201,7 @@ def _polish(out: dict, weight: torch.Tensor, hessian: torch.Tensor, pat: Pattern
         info.update(extra)
     h = hessian.double()
     before = quadratic_loss(out["weight"].double() - weight.double(), h)
-    after = quadratic_loss(w.double() - weight.double(), h)
+    after = info["resolve_loss"] if resolve else quadratic_loss(w.double() - weight.double(), h)  # the guard's
     info.update(polish_damp=damp, loss_before_polish=before)
     if after > before:
         info["polish_reverted"] = True

@@ -24,6 +24,7 @@ pruning); they are removed with the same exact OBS updates, then the greedy cont
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numba
@@ -90,6 +91,22 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().numpy()
 
 
+@contextlib.contextmanager
+def torch_threads():
+    """Run a numba kernel on torch's thread count, and put torch's OpenMP setting back afterwards.
+
+    numba's ``omp`` threading layer shares the OpenMP runtime with torch: a parallel kernel left OpenMP at
+    numba's thread count (every core), so torch's next operations ran multi-threaded behind a
+    ``torch.set_num_threads(1)`` — on a loaded 2-core machine the polish after the greedy (ADMM, re-solve)
+    ran its element-wise steps 10-20× slower, and a one-thread benchmark was not one thread."""
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def greedy_numba(weights: torch.Tensor, hinv: torch.Tensor, which: torch.Tensor, depth: int,
                  group: int = 0, group_prune: int = 0, prefix: torch.Tensor | None = None,
                  prefix_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +130,9 @@ def greedy_numba(weights: torch.Tensor, hinv: torch.Tensor, which: torch.Tensor,
     order, pre = _prefix_arrays(rows, depth, prefix, prefix_counts)
     step = np.zeros((rows, depth), dtype=w.dtype)
     counts = np.zeros(rows, dtype=np.int64)
-    _greedy_kernel(w, _as_numpy(hinv.to(weights.dtype)), _as_numpy(which.long()), depth, group, group_prune,
-                   order, step, counts, False, np.empty((1, 1), dtype=w.dtype), pre)
+    with torch_threads():
+        _greedy_kernel(w, _as_numpy(hinv.to(weights.dtype)), _as_numpy(which.long()), depth, group, group_prune,
+                       order, step, counts, False, np.empty((1, 1), dtype=w.dtype), pre)
     return torch.from_numpy(order), torch.from_numpy(step)
 
 
@@ -137,9 +155,10 @@ def replay_numba(weights: torch.Tensor, hinv: torch.Tensor, which: torch.Tensor,
     """Final weights after removing the first ``counts[r]`` weights of ``order[r]`` (exact OBS updates)."""
     w = _as_numpy(weights)
     out = np.empty_like(w)
-    _greedy_kernel(w, _as_numpy(hinv.to(weights.dtype)), _as_numpy(which.long()), order.shape[1], 0, 0,
-                   _as_numpy(order.long()), np.empty((1, 1), dtype=w.dtype), _as_numpy(counts.long()), True, out,
-                   np.zeros(w.shape[0], dtype=np.int64))
+    with torch_threads():
+        _greedy_kernel(w, _as_numpy(hinv.to(weights.dtype)), _as_numpy(which.long()), order.shape[1], 0, 0,
+                       _as_numpy(order.long()), np.empty((1, 1), dtype=w.dtype), _as_numpy(counts.long()), True,
+                       out, np.zeros(w.shape[0], dtype=np.int64))
     return torch.from_numpy(out)
 
 

@@ -32,13 +32,17 @@ import time
 import torch
 
 from cap_dist.solvers.numerics import damped
-from cap_dist.solvers.patterns import Pattern, allocate_rows, removal_order
+from cap_dist.solvers.patterns import Pattern, allocate_rows, lowest_k_mask, n_m_mask, removal_order
 
 RESOLVE_TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 """A row's conjugate gradients stop when a step lowers its objective by less than this fraction (or its
 relative residual is below it), per working precision: float64 solves to the optimum; float32 to the
 objective's own precision (the last 1e-6 of the objective is rounding there)."""
 RESOLVE_MAX_ITER = 200
+RESOLVE_TYPICAL_ITERATIONS = 20
+"""Where the re-solve typically stops after ADMM (18-20 steps on bench/peers.py's layers): a cost estimate."""
+ADMM_TYPICAL_ITERATIONS = 45
+"""Where ADMM's early stop typically ends (40-50 iterations on bench/peers.py's layers): a cost estimate."""
 
 
 def row_objective(dense: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -66,7 +70,8 @@ def resolve_weights(dense: torch.Tensor, start: torch.Tensor, keep: torch.Tensor
     ``start`` on the undamped ``hessian`` keep ``start``.
 
     Returns:
-        weights ``[rows, in]`` (zero off ``keep``, dtype of ``start``) and info (iterations, seconds).
+        weights ``[rows, in]`` (zero off ``keep``, dtype of ``start``) and info (iterations, seconds, and
+        ``resolve_loss``: ½·Σ_rows of (1) on the undamped ``hessian`` for the weights returned, in float64).
     """
     t0 = time.perf_counter()
     dtype = dtype or (torch.float64 if start.dtype == torch.float64 else torch.float32)
@@ -107,10 +112,12 @@ def resolve_weights(dense: torch.Tensor, start: torch.Tensor, keep: torch.Tensor
         still = (ra.norm(dim=1) > tol * bnorm[active]) & (decrease > tol * f[active]) & (pap > 0)
         active = active[still]
     h = hessian.to(torch.float64)
-    w64, x64, s64 = dense.double(), x.double(), start.double() * keep
-    better = row_objective(w64, x64, h) <= row_objective(w64, s64, h)
+    w64, x64, s64 = dense.double(), x.to(start.dtype).double(), start.double() * keep   # as returned
+    f_new, f_start = row_objective(w64, x64, h), row_objective(w64, s64, h)
+    better = f_new <= f_start
     out = torch.where(better.unsqueeze(1), x64, s64).to(start.dtype) * keep
     return out, dict(resolve_iterations=iters, resolve_rows_kept=int((~better).sum()),
+                     resolve_loss=0.5 * float(torch.minimum(f_new, f_start).sum()),
                      resolve_seconds=time.perf_counter() - t0)
 
 
@@ -226,35 +233,100 @@ ADMM_GROWTH = (1.3, 1.2, 1.1)
 """ρ's growth every ADMM_UPDATE_EVERY iterations when >10 %, >0.5 % or less of the support moved (ALPS's)."""
 ADMM_GROWTH_SLOW = (1.2, 1.1, 1.05)
 """The slower growth used where iterations are cheap: ~1.5× the iterations, masks 1-3 % better
-(bench/peers.py: vit4mnist and EfficientNet layers; at ALPS's schedule, a vit4mnist 2:4 layer stayed 0.1 %
-above ALPS)."""
-ADMM_SLOW_WORK = 2e9
-"""rows·in² at or below which a layer gets the slower growth (768×3072 is 7e9; EfficientNet's conv_head 1e8)."""
+(bench/peers.py: vit4mnist layers; at ALPS's schedule, a vit4mnist 2:4 layer stayed 0.1 % above ALPS)."""
+ADMM_SLOW_WORK = 1e7
+"""rows·in² at or below which a layer gets the slower growth: iterations there cost next to nothing (vit4mnist's
+layers are ≤ 1e6; EfficientNet-Lite0's conv_head 1.3e8 takes ALPS's schedule and stays below ALPS's error)."""
+ADMM_GROWTH_FAST = (1.5, 1.3, 1.1)
+"""The faster growth used where iterations are expensive: ~0.75× the iterations for masks 3-7 % worse, still
+below ALPS's error (bench/peers.py, the 768×3072 loud layer: 0.89-0.96× ALPS against 0.82-0.93×)."""
+ADMM_FAST_WORK = 2e9
+"""rows·in² at or above which a layer gets the faster growth: one iteration then costs about as much as the
+whole blocked greedy (4·rows·in² against rows·in·128² flops at in ≥ 2048) — ViT-B's fc2 (7e9), ViT-g's layers
+(6e10)."""
 ADMM_STOP = 3e-4
+"""ADMM stops once fewer than this fraction of the pruned weights moved over the last ADMM_UPDATE_EVERY
+iterations."""
+THRESHOLD_BANDS = (1.05, 1.5)
+"""The unstructured projection first looks for the new threshold within these factors of the last one (the
+support moves little between iterations): a few passes instead of a selection over the whole layer."""
 
 
-def _project(scores: torch.Tensor, count: int, pattern: Pattern, prior: torch.Tensor | None) -> torch.Tensor:
-    """Keep-mask of the sparse set nearest (Euclidean) to a matrix with these squared entries: the layer's
-    ``count`` lowest removed (unstructured) or the M − N lowest of every group (N:M); prior zeros first."""
-    from cap_dist.solvers.patterns import lowest_k_mask, n_m_mask
-    if prior is not None:
-        scores = torch.where(prior, torch.full_like(scores, -math.inf), scores)
-    return n_m_mask(scores, pattern) if pattern.structured else lowest_k_mask(scores, count)
+def admm_uses_explicit_inverse(rows: int, cols: int) -> bool:
+    """Whether ADMM's linear step multiplies by an explicit (Hₙ + ρI)⁻¹ (one [rows, in]·[in, in] product per
+    iteration, plus an in³ rebuild whenever ρ changes, every ADMM_UPDATE_EVERY iterations) rather than going
+    through the eigenbasis (two products per iteration): cheaper when in < ADMM_UPDATE_EVERY·rows."""
+    return cols < ADMM_UPDATE_EVERY * rows
+
+
+def admm_growth(rows: int, cols: int) -> tuple[float, float, float]:
+    """ρ's growth schedule for a layer: slower where iterations are cheap, faster where they are expensive."""
+    work = rows * cols * cols
+    return ADMM_GROWTH_SLOW if work <= ADMM_SLOW_WORK else ADMM_GROWTH_FAST if work >= ADMM_FAST_WORK else ADMM_GROWTH
+
+
+def admm_flops(rows: int, cols: int, iterations: int) -> float:
+    """What ``iterations`` of :func:`admm_masks` cost: the eigendecomposition (~9·in³) and the products."""
+    product = 2.0 * rows * cols * cols
+    if admm_uses_explicit_inverse(rows, cols):
+        per_iteration = product + 2.0 * cols ** 3 / ADMM_UPDATE_EVERY
+    else:
+        per_iteration = 2.0 * product
+    return 9.0 * cols ** 3 + iterations * per_iteration
+
+
+def resolve_flops(rows: int, cols: int, iterations: int = RESOLVE_TYPICAL_ITERATIONS) -> float:
+    """What :func:`resolve_weights` costs: one [rows, in]·[in, in] product per conjugate-gradient step, and the
+    float64 guard (two more, at about twice the float32 cost)."""
+    return (iterations + 4) * 2.0 * rows * cols * cols
+
+
+def threshold_keep(scores: torch.Tensor, count: int, last: float | None) -> tuple[torch.Tensor, float | None]:
+    """Keep-mask removing exactly the ``count`` lowest ``scores`` (as ``lowest_k_mask``), and the threshold.
+
+    The threshold is searched first in narrow bands around ``last`` (THRESHOLD_BANDS; a few passes over the
+    layer and a selection among the few scores inside), else over the whole layer; where ties at the
+    threshold would remove more than ``count``, a full selection decides."""
+    flat = scores.reshape(-1)
+    if count <= 0:
+        return torch.ones_like(scores, dtype=torch.bool), None
+    thr = None
+    if last is not None and last > 0:
+        for factor in THRESHOLD_BANDS:
+            lo, hi = last / factor, last * factor
+            below = int(torch.count_nonzero(flat < lo))
+            if below >= count:
+                continue
+            band = flat[(flat >= lo) & (flat <= hi)]
+            if below + band.numel() >= count:
+                thr = torch.kthvalue(band, count - below).values
+                break
+    if thr is None:
+        thr = torch.kthvalue(flat, count).values
+    keep = flat > thr
+    if flat.numel() - int(torch.count_nonzero(keep)) != count:             # ties at the threshold
+        return lowest_k_mask(scores, count), None
+    return keep.reshape(scores.shape), float(thr)
 
 
 def admm_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor,
                pattern: Pattern, prior: torch.Tensor | None, *, iterations: int, damp: float,
-               damp_mode: str = "relative", rho: float = ADMM_RHO) -> tuple[torch.Tensor, torch.Tensor, dict]:
+               damp_mode: str = "relative", rho: float = ADMM_RHO,
+               inverse: str = "auto") -> tuple[torch.Tensor, torch.Tensor, dict]:
     """ADMM on the layer's mask, warm-started from a pruned solution (the mechanism of ALPS, Meng et al. 2024).
 
     In coordinates scaled to a unit-diagonal curvature (B = W·S, Hₙ = S⁻¹HₛS⁻¹, S = √diag Hₛ, so a
     weight's size is its output contribution), ADMM splits min ‖(W − B)‖²_Hₙ s.t. D sparse, B = D:
-        B ← (Hₙ + ρI)⁻¹ (Hₙ b₀ − V + ρD),   D ← Π_sparse(B + V/ρ),   V ← V + ρ(B − D)
-    with ρ raised while the support moves (ALPS's schedule; slower where a layer's iterations are cheap, see
-    ADMM_SLOW_WORK).  The start is the given solution and its
-    exact dual (D = B = ŵ, V = −Hₙ(ŵ − w)), a fixed point for large ρ, so ADMM only leaves it where a
-    pruned weight's gradient is large against ρ.  Returns weights (B projected on the final support, to be
-    re-solved), the keep-mask (the layer's exact count, N:M groups, prior zeros kept) and info.
+        B ← (Hₙ b₀ − V + ρD)(Hₙ + ρI)⁻¹,   Z = B + V/ρ,   D ← Π_sparse(Z),   V ← ρ(Z − D)
+    (the last is V + ρ(B − D) written out), with ρ raised while the support moves (ALPS's schedule; slower
+    where a layer's iterations are cheap, faster where they are expensive: :func:`admm_growth`).  The linear step goes through one
+    eigendecomposition of Hₙ: by an explicit inverse rebuilt when ρ changes on layers with few inputs per
+    output, through the eigenbasis otherwise (:func:`admm_uses_explicit_inverse`).  The start is the given
+    solution and its exact dual (D = B = ŵ, V = −Hₙ(ŵ − w)), a fixed point for large ρ, so ADMM only leaves
+    it where a pruned weight's gradient is large against ρ.  ``inverse`` forces either linear step (both are
+    the same arithmetic up to rounding).  If the support still flips between two sets when ADMM stops, the
+    one with the lower objective for B restricted to it is kept.  Returns weights (B projected on the final
+    support, to be re-solved), the keep-mask (the layer's exact count, N:M groups, prior zeros kept) and info.
     """
     t0 = time.perf_counter()
     rows, cols = weight.shape
@@ -263,33 +335,53 @@ def admm_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, he
     s = torch.diagonal(hs).clamp_min(torch.finfo(work).tiny).sqrt()
     hn = hs / s.unsqueeze(0) / s.unsqueeze(1)
     lam, q = torch.linalg.eigh(hn)          # in the working precision: Hₙ + ρI (ρ ≥ ADMM_RHO) is well conditioned
+    if inverse not in ("auto", "explicit", "eigen"):
+        raise ValueError(f"inverse={inverse!r} must be 'auto', 'explicit' or 'eigen'")
+    explicit = admm_uses_explicit_inverse(rows, cols) if inverse == "auto" else inverse == "explicit"
 
     w0 = dense.to(work) * s
     target = w0 @ hn                                                        # Hₙ b₀ (rows are b₀ᵀ)
     d = weight.to(work) * keep * s
     v = target - d @ hn                                                     # −gradient: the exact dual
     count = int((~keep).sum())
-    prior_t = prior
     mask = keep.clone()
+    inverse_rho, inverse = None, None
 
     def solve(rhs: torch.Tensor, r: float) -> torch.Tensor:
-        return ((rhs @ q) / (lam + r)) @ q.T
+        nonlocal inverse_rho, inverse
+        if not explicit:
+            return ((rhs @ q) / (lam + r)) @ q.T
+        if inverse_rho != r:
+            inverse, inverse_rho = (q / (lam + r)) @ q.T, r
+        return rhs @ inverse
 
-    growth = ADMM_GROWTH_SLOW if rows * cols * cols <= ADMM_SLOW_WORK else ADMM_GROWTH
+    growth = admm_growth(rows, cols)
     b = d
+    thr = None
+    new_mask = last_mask = keep
+    it = -1
     for it in range(iterations):
-        b = solve(target - v + rho * d, rho)
-        new_mask = _project((b + v / rho) ** 2, count, pattern, prior_t)
-        d = (b + v / rho) * new_mask
-        v = v + rho * (b - d)
+        last_mask = new_mask
+        b = solve(torch.add(target - v, d, alpha=rho), rho)
+        z = b.add(v, alpha=1.0 / rho)
+        scores = z.square()
+        if prior is not None:
+            scores.masked_fill_(prior, -math.inf)
+        if pattern.structured:
+            new_mask = n_m_mask(scores, pattern)
+        else:
+            new_mask, thr = threshold_keep(scores, count, thr)
+        d = z * new_mask
+        v = (z - d).mul_(rho)
         if (it + 1) % ADMM_UPDATE_EVERY == 0:
-            change = int((new_mask != mask).sum()) / max(1, 2 * count)
+            change = int(torch.count_nonzero(new_mask != mask)) / max(1, 2 * count)
             rho *= growth[0] if change > 0.1 else growth[1] if change > 0.005 else growth[2]
             mask = new_mask
             if change < ADMM_STOP and it >= 2 * ADMM_UPDATE_EVERY:
                 break
-        mask_last = new_mask
-    mask = mask_last if iterations else keep
+    mask = new_mask
+    if not torch.equal(last_mask, new_mask):          # the support flips between two sets: keep the better
+        mask = min((new_mask, last_mask), key=lambda m: float(((w0 - b * m) @ hn * (w0 - b * m)).sum()))
     out = (b * mask / s).to(weight.dtype)
-    return out, mask, dict(admm_iterations=it + 1 if iterations else 0, admm_rho=rho,
+    return out, mask, dict(admm_iterations=it + 1, admm_rho=rho, admm_inverse="explicit" if explicit else "eigen",
                            admm_moved=int((mask != keep).sum()) // 2, admm_seconds=time.perf_counter() - t0)

@@ -11,7 +11,10 @@ import torch
 
 from cap_dist.solvers import is_valid_n_m, parse_pattern, prune_layer, relative_error
 from cap_dist.solvers.numerics import damped
-from cap_dist.solvers.polish import refine_masks
+from cap_dist.solvers.patterns import lowest_k_mask
+from cap_dist.solvers.polish import (ADMM_GROWTH, ADMM_GROWTH_FAST, ADMM_GROWTH_SLOW, admm_flops, admm_growth,
+                                    admm_masks, admm_uses_explicit_inverse, refine_masks, resolve_weights,
+                                    threshold_keep)
 
 from tests.solvers.synthetic import correlated_problem
 from tests.solvers.test_cap_exactness import least_squares_fill
@@ -187,3 +190,62 @@ def test_recipe_default_cap_solve_beats_plain_cap_and_keeps_guarantees(pattern: 
         assert is_valid_n_m(pruned != 0, parse_pattern("2:4"))
     else:
         assert int((pruned == 0).sum()) == round(sparsity * w.numel())
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_admm_explicit_inverse_and_eigenbasis_steps_agree(pattern: str) -> None:
+    """The two forms of ADMM's linear step are one arithmetic: same masks, weights equal to rounding, and
+    both keep the exact count / groups and the prior zeros."""
+    w, _, h = correlated_problem(rows=16, cols=64, samples=400, seed=21)
+    prior = torch.zeros_like(w, dtype=torch.bool)
+    prior[:, [0, 5, 9, 14]] = True                                     # at most one per group of 4
+    base = prune_layer(w * ~prior, h, method="cap", sparsity=0.6, pattern=pattern, block_size=16, prior_mask=prior)
+    pat = parse_pattern(pattern)
+    out = {mode: admm_masks(w * ~prior, base.weight, base.mask, h, pat, prior, iterations=60, damp=0.01,
+                            inverse=mode) for mode in ("explicit", "eigen")}
+    assert out["explicit"][2]["admm_inverse"] == "explicit" and out["eigen"][2]["admm_inverse"] == "eigen"
+    assert torch.equal(out["explicit"][1], out["eigen"][1])
+    torch.testing.assert_close(out["explicit"][0], out["eigen"][0], rtol=1e-8, atol=1e-10)
+    mask = out["eigen"][1]
+    assert not bool((mask & prior).any())
+    assert int((~mask).sum()) == int((~base.mask).sum())
+    if pattern == "2:4":
+        assert is_valid_n_m(mask, pat)
+    with pytest.raises(ValueError, match="inverse"):
+        admm_masks(w, base.weight, base.mask, h, pat, None, iterations=3, damp=0.01, inverse="cholesky")
+
+
+def test_threshold_keep_is_the_exact_lowest_k_selection() -> None:
+    """With a good hint, a bad hint, no hint, prior zeros (−inf) and ties, it removes exactly the k lowest."""
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(40, 50, generator=g)
+    scores[0, :7] = -torch.inf
+    for k in (0, 7, 600, 1999):
+        ref = lowest_k_mask(scores, k)
+        for hint in (None, 1e-9, 0.5, float(scores.flatten().sort().values[max(k - 1, 0)]) * 1.1, 10.0):
+            keep, _ = threshold_keep(scores, k, hint)
+            assert torch.equal(keep, ref), (k, hint)
+    tied = torch.ones(10, 10)
+    tied[0, 0] = 0.5
+    keep, thr = threshold_keep(tied, 5, None)                       # ties at the threshold: a full selection
+    assert thr is None and int((~keep).sum()) == 5 and not bool(keep[0, 0])
+
+
+def test_resolve_reports_the_undamped_loss_of_what_it_returns() -> None:
+    w, _, h = correlated_problem(rows=8, cols=32, samples=200, seed=5, dtype=torch.float32)
+    base = prune_layer(w, h, method="cap", sparsity=0.5, block_size=8)
+    out, info = resolve_weights(w, base.weight, base.mask, h, damp=0.01)
+    e = w.double() - out.double()
+    assert info["resolve_loss"] == pytest.approx(0.5 * float(((e @ h.double()) * e).sum()), rel=1e-12)
+
+
+def test_admm_width_policy_follows_the_cost_of_an_iteration() -> None:
+    """Slow ρ growth where iterations cost nothing, ALPS's in between, fast at ViT widths; the explicit inverse
+    where in < 3·rows; the cost model counts one product per iteration there and two otherwise."""
+    assert admm_growth(64, 128) == ADMM_GROWTH_SLOW                   # vit4mnist
+    assert admm_growth(1280, 320) == ADMM_GROWTH                      # EfficientNet-Lite0 conv_head
+    assert admm_growth(1536, 6144) == ADMM_GROWTH_FAST                # ViT-g fc2
+    assert admm_uses_explicit_inverse(1280, 320) and not admm_uses_explicit_inverse(768, 3072)
+    product = 2.0 * 1536 * 6144 ** 2
+    assert admm_flops(1536, 6144, 10) == pytest.approx(9.0 * 6144 ** 3 + 10 * 2 * product)
+    assert admm_flops(1280, 320, 10) < 9.0 * 320 ** 3 + 10 * 2 * (2.0 * 1280 * 320 ** 2)
