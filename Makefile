@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt torch torchvision
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,demo]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,demo,onnx]'
 	touch $(STAMP)
 
 venv: $(STAMP)
