@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -35,8 +34,8 @@ from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save as safetensors_save
 from safetensors.torch import save_file as safetensors_save_file
 
-from cap_dist.storage import (atomic_write_bytes, load_tensor_subset, read_bytes, safetensors_header,
-                              storage_errors)
+from cap_dist.storage import (atomic_write_bytes, commit_local_file, load_tensor_subset, read_bytes,
+                              safetensors_header, storage_errors)
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -100,20 +99,8 @@ def write_safetensors(uri: str, tensors: Mapping[str, torch.Tensor]) -> WrittenF
         data = safetensors_save(dict(tensors), METADATA)
         atomic_write_bytes(uri, data)
         return WrittenFile(name, hashlib.sha256(data).hexdigest(), len(data), tensor_bytes, keys)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        safetensors_save_file(dict(tensors), tmp, METADATA)
-        digest, size = _file_digest(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    commit_local_file(path, lambda tmp: safetensors_save_file(dict(tensors), tmp, METADATA))
+    digest, size = _file_digest(path)
     return WrittenFile(name, digest, size, tensor_bytes, keys)
 
 

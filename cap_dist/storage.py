@@ -17,7 +17,7 @@ import contextlib
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,25 +173,35 @@ def atomic_write_bytes(uri: str, data: bytes) -> None:
         _atomic_write(uri, data)
 
 
+def commit_local_file(path: str, write: Callable[[str], None]) -> None:
+    """Write a local file under a temporary name beside ``path`` (``write(tmp)`` fills it), fsync it and rename it
+    into place, so a reader never sees it half-written; on any error the temporary file is removed."""
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def _atomic_write(uri: str, data: bytes) -> None:
     fs, path = _fs(uri)
     if "s3" in _protocols(fs):
         fs.pipe_file(path, data)
         return
     if isinstance(fs, LocalFileSystem):
-        directory = os.path.dirname(os.path.abspath(path)) or "."
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+
+        commit_local_file(path, write)
         return
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"
     fs.pipe_file(tmp, data)

@@ -5,22 +5,20 @@ the steps since the last checkpoint — on the one local Ray cluster of the test
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import timm
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from cap_dist.config import recipe_from_dict
 from cap_dist.data.parquet import write_image_parquet
 from cap_dist.finetune.trainer import FinetuneError, finetune
 from cap_dist.output import load_sparse, read_manifest, read_verified
 from cap_dist.engines import prune
+from tests.dense_models import write_dense_vit
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -49,12 +47,7 @@ def assets(tmp_path_factory) -> Path:
     """A random ViT (the dense teacher), 128 training images as Parquet, 32 evaluation images in class
     folders, and the ViT pruned to 50 % by the local pipeline (the student)."""
     root = tmp_path_factory.mktemp("finetune")
-    torch.manual_seed(0)
-    model = timm.models.VisionTransformer(**VIT)
-    (root / "dense").mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "dense" / "model.safetensors")
-    (root / "dense" / "model.json").write_text(json.dumps({"architecture": "timm:VisionTransformer",
-                                                           "create_kwargs": VIT, "input": INPUT}))
+    write_dense_vit(root / "dense", VIT, INPUT)
     rng = np.random.default_rng(0)
     labels = [i % 4 for i in range(128)]
     write_image_parquet(str(root / "train.parquet"), [_png(_image(rng, y)) for y in labels], labels)

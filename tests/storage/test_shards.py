@@ -9,10 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from cap_dist.config import recipe_from_dict
 from cap_dist.engines import prune
@@ -22,6 +20,7 @@ from cap_dist.models.source import ModelSource
 from cap_dist.output import CorruptOutputError, load_output_subset, load_sparse, read_manifest, write_output
 from cap_dist.shards import (INDEX, index_bytes, load_weight_subset, load_weights, open_weights, shard_name,
                              write_safetensors)
+from tests.dense_models import write_dense_vit
 
 VIT = {"img_size": 32, "patch_size": 8, "num_classes": 4, "embed_dim": 32, "depth": 3, "num_heads": 2,
        "mlp_ratio": 2.0}
@@ -54,12 +53,7 @@ def reshard(single: Path, sharded: Path, parts: int) -> dict:
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shards")
-    torch.manual_seed(0)
-    model = timm.models.VisionTransformer(**VIT)
-    (root / "dense").mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "dense" / "model.safetensors")
-    (root / "dense" / "model.json").write_text(json.dumps({"architecture": "timm:VisionTransformer",
-                                                          "create_kwargs": VIT, "input": INPUT}))
+    write_dense_vit(root / "dense", VIT, INPUT)
     rng = np.random.default_rng(0)
     for label in range(2):
         (root / "images" / f"c{label}").mkdir(parents=True)
