@@ -30,7 +30,6 @@ from cap_dist.data.draw import draw_batches  # noqa: E402
 from cap_dist.eval import evaluate_model  # noqa: E402
 from cap_dist.models.source import load_model  # noqa: E402
 from cap_dist.core import select_layers  # noqa: E402
-from cap_dist.data.draw import draw_batches  # noqa: E402
 from cap_dist.engines.local import prune_model  # noqa: E402
 
 CASES = {"50%": ["prune.sparsity=0.5"], "75%": ["prune.sparsity=0.75"], "2:4": ["prune.pattern=2:4"]}
@@ -43,7 +42,8 @@ ABLATION = {                  # cap's steps one at a time (sequential mode); the
 RECIPES = {"vit4mnist": "jobs/vit4mnist.yaml", "effnet_lite0": "jobs/effnet_lite0.yaml"}
 
 
-def run(model_name: str, cases: list[str], results: list[dict], methods: list[str], ablation: list[str]) -> None:
+def run(model_name: str, cases: list[str], results: list[dict], methods: list[str], ablation: list[str],
+        independent: bool = True) -> None:
     base = load_recipe(str(ROOT / RECIPES[model_name]))
     dense, spec = load_model(base.model.source)
     calib = draw_batches(base.calibration, spec, purpose="calibration")
@@ -52,7 +52,8 @@ def run(model_name: str, cases: list[str], results: list[dict], methods: list[st
     results.append(dict(model=model_name, case="dense", method="dense", mode="-", **metrics, seconds=0.0))
     print(f"{model_name:<13} dense                          top1 {metrics['top1']:.4f}", flush=True)
     for case in cases:
-        runs = [(m, m, "sequential", []) for m in methods] + [("cap", "cap", "independent", [])]
+        runs = [(m, m, "sequential", []) for m in methods]
+        runs += [("cap", "cap", "independent", [])] if independent and "cap" in methods else []
         runs += [(label, "cap", "sequential", extra) for label, extra in ABLATION.items() if label in ablation]
         for label, method, mode, extra in runs:
             recipe = load_recipe(str(ROOT / RECIPES[model_name]),
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
     parser.add_argument("--ablation", nargs="*", default=None, choices=list(ABLATION),
                         help="also cap with its steps switched off one by one (all, or the variants named)")
+    parser.add_argument("--no-independent", action="store_true", help="skip `cap` in independent mode")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "oneshot.json")
     args = parser.parse_args(argv)
     if not (ROOT.parent / "shared").is_dir():
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for name in args.models:
         ablation = [] if args.ablation is None else (args.ablation or list(ABLATION))
-        run(name, args.cases, results, args.methods, ablation)
+        run(name, args.cases, results, args.methods, ablation, independent=not args.no_independent)
     text = table(results)
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,10 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--polish", choices=("default", "off"), default="default",
+                        help="off: the greedy alone (no ADMM mask refinement, no exact re-solve), the configuration "
+                             "of the first B=128 figure")
     parser.add_argument("--out", type=Path, default=None,
                         help="result JSON (default bench/results/scale_vitg-b<block size>.json)")
     args = parser.parse_args(argv)
-    args.out = args.out or ROOT / "bench" / "results" / f"scale_vitg-b{args.block_size}.json"
+    suffix = "" if args.polish == "default" else "-greedy"
+    args.out = args.out or ROOT / "bench" / "results" / f"scale_vitg-b{args.block_size}{suffix}.json"
     work = Path(tempfile.mkdtemp(prefix="capdist-vitg-"))
     start = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
@@ -48,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         model_dir, images = pool.apply(make_assets, (work, ARCH, {"img_size": 224}, args.images, 224))
     assets_seconds = time.perf_counter() - start
     start_local_ray(args.actors)
-    row = run(model_dir, images, args.images, args.actors, str(work / "out"), args.block_size)
+    row = run(model_dir, images, args.images, args.actors, str(work / "out"), args.block_size,
+              polish=args.polish == "default")
     t = row["timings"]
     lines = ["| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {t[k]:.0f} |" for k in ("load", "calibrate", "solve", "write", "total") if k in t]
@@ -59,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['solve_seconds']:.0f} | {s['layers']} |" for s in row["actor_stats"]]
     table = "\n".join(lines)
     print(f"\n{ARCH}, {args.images} images at 224 px, cap 50 %, block size {args.block_size}, {args.actors} actors "
-          f"× 1 CPU; wall {row['wall_seconds']:.0f} s (+{assets_seconds:.0f} s to make the random model)\n" + table)
+          f"× 1 CPU, polish {args.polish}; wall {row['wall_seconds']:.0f} s (+{assets_seconds:.0f} s to make the random model)\n" + table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"command": "python bench/scale_vitg.py " + " ".join(argv or sys.argv[1:]),
-                                    "arch": ARCH, "block_size": args.block_size, "images": args.images,
+                                    "arch": ARCH, "block_size": args.block_size, "polish": args.polish, "images": args.images,
                                     "assets_seconds": assets_seconds, **row, "table": table}, indent=1))
     print(f"wrote {args.out}")
     return 0

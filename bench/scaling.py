@@ -62,13 +62,17 @@ def make_assets(root: Path, arch: str, kwargs: dict, images: int, size: int) -> 
     return str(folder), str(root / "images")
 
 
-def run(model_dir: str, images: str, n_images: int, actors: int, out: str, block_size: int) -> dict:
+def run(model_dir: str, images: str, n_images: int, actors: int, out: str, block_size: int,
+        polish: bool = True) -> dict:
+    """Prune with `cap` at 50 %; ``polish=False`` turns off the ADMM mask refinement and the exact re-solve that
+    follow the greedy by default (the greedy alone, as before they became the default)."""
     from cap_dist.config import recipe_from_dict
     from cap_dist.engines import prune
 
+    extra = {} if polish else {"admm_iterations": 0, "resolve": False}
     recipe = recipe_from_dict({
         "model": {"source": model_dir}, "calibration": {"uri": images, "samples": n_images, "batch_size": 8},
-        "prune": {"method": "cap", "sparsity": 0.5, "block_size": block_size, "mode": "independent"},
+        "prune": {"method": "cap", "sparsity": 0.5, "block_size": block_size, "mode": "independent", **extra},
         "output": out, "device": "cpu", "distributed": {"actors": actors, "num_cpus": 1}})
     start = time.perf_counter()
     result = prune(recipe)

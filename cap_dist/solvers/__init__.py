@@ -192,12 +192,27 @@ def _polish(out: dict, weight: torch.Tensor, hessian: torch.Tensor, pat: Pattern
         w, keep, extra = refine_masks(weight, w, keep, hessian, pat, prior, width=width, sweeps=refine,
                                       damp=damp, damp_mode=damp_mode, backend=backend)
         info.update(extra)
+    alternative = None
     if admm:
+        before_admm = keep
         w, keep, extra = admm_masks(weight, w, keep, hessian, pat, prior, iterations=admm, damp=damp,
                                     damp_mode=damp_mode, rho=admm_rho)
+        alternative = extra.pop("admm_alternative", None)
         info.update(extra)
     if resolve:
         w, extra = resolve_weights(weight, w, keep, hessian, damp=damp, damp_mode=damp_mode)
+        if alternative is not None:            # ADMM ended flipping between two supports: the re-solved decide
+            other_keep, other_start = alternative
+            other_w, other_extra = resolve_weights(weight, other_start, other_keep, hessian, damp=damp,
+                                                   damp_mode=damp_mode)
+            extra["admm_support_choice"] = "projection's choice"
+            if other_extra["resolve_loss"] < extra["resolve_loss"]:
+                seconds = extra["resolve_seconds"] + other_extra["resolve_seconds"]
+                w, keep, extra = other_w, other_keep, dict(other_extra, resolve_seconds=seconds,
+                                                           admm_support_choice="re-solved choice")
+                info["admm_moved"] = int((keep != before_admm).sum()) // 2
+            else:
+                extra["resolve_seconds"] += other_extra["resolve_seconds"]
         info.update(extra)
     h = hessian.double()
     before = quadratic_loss(out["weight"].double() - weight.double(), h)

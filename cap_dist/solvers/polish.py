@@ -325,7 +325,9 @@ def admm_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, he
     solution and its exact dual (D = B = ŵ, V = −Hₙ(ŵ − w)), a fixed point for large ρ, so ADMM only leaves
     it where a pruned weight's gradient is large against ρ.  ``inverse`` forces either linear step (both are
     the same arithmetic up to rounding).  If the support still flips between two sets when ADMM stops, the
-    one with the lower objective for B restricted to it is kept.  Returns weights (B projected on the final
+    one with the lower objective for B restricted to it is returned, and the other (mask, weights) is in
+    ``info["admm_alternative"]``: B restricted to a support is not its optimum, so a caller that re-solves
+    should re-solve both and keep the lower (a projection's objective can rank them the wrong way round).  Returns weights (B projected on the final
     support, to be re-solved), the keep-mask (the layer's exact count, N:M groups, prior zeros kept) and info.
     """
     t0 = time.perf_counter()
@@ -379,9 +381,13 @@ def admm_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, he
             mask = new_mask
             if change < ADMM_STOP and it >= 2 * ADMM_UPDATE_EVERY:
                 break
-    mask = new_mask
+    mask, other = new_mask, None
     if not torch.equal(last_mask, new_mask):          # the support flips between two sets: keep the better
-        mask = min((new_mask, last_mask), key=lambda m: float(((w0 - b * m) @ hn * (w0 - b * m)).sum()))
+        objective = {id(m): float(((w0 - b * m) @ hn * (w0 - b * m)).sum()) for m in (new_mask, last_mask)}
+        mask, other = sorted((new_mask, last_mask), key=lambda m: objective[id(m)])
     out = (b * mask / s).to(weight.dtype)
-    return out, mask, dict(admm_iterations=it + 1, admm_rho=rho, admm_inverse="explicit" if explicit else "eigen",
-                           admm_moved=int((mask != keep).sum()) // 2, admm_seconds=time.perf_counter() - t0)
+    info = dict(admm_iterations=it + 1, admm_rho=rho, admm_inverse="explicit" if explicit else "eigen",
+                admm_moved=int((mask != keep).sum()) // 2, admm_seconds=time.perf_counter() - t0)
+    if other is not None:
+        info["admm_alternative"] = (other, (b * other / s).to(weight.dtype))
+    return out, mask, info

@@ -215,6 +215,38 @@ def test_admm_explicit_inverse_and_eigenbasis_steps_agree(pattern: str) -> None:
         admm_masks(w, base.weight, base.mask, h, pat, None, iterations=3, damp=0.01, inverse="cholesky")
 
 
+def test_flipping_admm_support_is_decided_by_the_re_solved_objective(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When ADMM ends flipping between two supports, both are re-solved and the lower re-solved objective wins,
+    whichever the projection preferred: here ADMM "prefers" the greedy's own support and offers a better one
+    (plain ADMM's) as the alternative; the layer must end on the alternative's least-squares optimum."""
+    import cap_dist.solvers as solvers
+
+    w, _, h = correlated_problem(rows=12, cols=48, samples=400, seed=8)
+    greedy = prune_layer(w, h, method="cap", sparsity=0.6, block_size=16)
+    better = prune_layer(w, h, method="cap", sparsity=0.6, block_size=16, admm=80, resolve=True, polish_damp=0.0)
+    assert not torch.equal(better.mask, greedy.mask) and better.loss < greedy.loss
+
+    def flipping(dense, weight, keep, hessian, pattern, prior, **kw):
+        return weight, keep, dict(admm_iterations=1, admm_moved=0, admm_alternative=(better.mask, better.weight))
+
+    monkeypatch.setattr(solvers, "admm_masks", flipping)
+    res = prune_layer(w, h, method="cap", sparsity=0.6, block_size=16, admm=5, resolve=True, polish_damp=0.0)
+    assert torch.equal(res.mask, better.mask)
+    assert res.info["admm_support_choice"] == "re-solved choice"
+    assert res.info["admm_moved"] == int((better.mask != greedy.mask).sum()) // 2
+    for r in range(w.shape[0]):
+        expected = least_squares_fill(w[r], h, res.mask[r], torch.zeros_like(w[r]))
+        torch.testing.assert_close(res.weight[r], expected, rtol=1e-4, atol=1e-6)
+
+    def flipping_worse(dense, weight, keep, hessian, pattern, prior, **kw):
+        return better.weight, better.mask, dict(admm_iterations=1, admm_moved=0,
+                                                admm_alternative=(greedy.mask, greedy.weight))
+
+    monkeypatch.setattr(solvers, "admm_masks", flipping_worse)
+    res = prune_layer(w, h, method="cap", sparsity=0.6, block_size=16, admm=5, resolve=True, polish_damp=0.0)
+    assert torch.equal(res.mask, better.mask) and res.info["admm_support_choice"] == "projection's choice"
+
+
 def test_threshold_keep_is_the_exact_lowest_k_selection() -> None:
     """With a good hint, a bad hint, no hint, prior zeros (−inf) and ties, it removes exactly the k lowest."""
     g = torch.Generator().manual_seed(3)
