@@ -19,7 +19,7 @@ from cap_dist.solvers.cap import cap_activation, cap_fisher
 from cap_dist.solvers.curvature import FisherAccumulator, HessianAccumulator
 from cap_dist.solvers.numerics import (DAMP_MODES, check_damp_mode, check_weight_hessian, layer_energy, quadratic_loss,
                                        relative_error)
-from cap_dist.solvers.polish import ADMM_RHO, admm_masks, refine_masks, resolve_weights
+from cap_dist.solvers.polish import ADMM_RHO, admm_masks, better_rows, refine_masks, resolve_weights
 from cap_dist.solvers.patterns import (LossCurve, Pattern, allocate_global, allocate_uniform, check_divisible,
                                        check_sparsity, is_valid_n_m, parse_pattern)
 from cap_dist.solvers.result import LayerResult
@@ -201,18 +201,18 @@ def _polish(out: dict, weight: torch.Tensor, hessian: torch.Tensor, pat: Pattern
         info.update(extra)
     if resolve:
         w, extra = resolve_weights(weight, w, keep, hessian, damp=damp, damp_mode=damp_mode)
+        rows_loss = extra.pop("row_objective")
         if alternative is not None:            # ADMM ended flipping between two supports: the re-solved decide
             other_keep, other_start = alternative
             other_w, other_extra = resolve_weights(weight, other_start, other_keep, hessian, damp=damp,
                                                    damp_mode=damp_mode)
-            extra["admm_support_choice"] = "projection's choice"
-            if other_extra["resolve_loss"] < extra["resolve_loss"]:
-                seconds = extra["resolve_seconds"] + other_extra["resolve_seconds"]
-                w, keep, extra = other_w, other_keep, dict(other_extra, resolve_seconds=seconds,
-                                                           admm_support_choice="re-solved choice")
-                info["admm_moved"] = int((keep != before_admm).sum()) // 2
-            else:
-                extra["resolve_seconds"] += other_extra["resolve_seconds"]
+            w, keep, rows_loss, chosen = better_rows((w, keep, rows_loss),
+                                                     (other_w, other_keep, other_extra.pop("row_objective")))
+            extra.update(resolve_seconds=extra["resolve_seconds"] + other_extra["resolve_seconds"],
+                         resolve_loss=0.5 * float(rows_loss.sum()),
+                         admm_support_choice="re-solved choice" if chosen["base"] == "second"
+                         else "projection's choice", admm_support_rows_swapped=chosen["rows_from_other"])
+            info["admm_moved"] = int((keep != before_admm).sum()) // 2
         info.update(extra)
     h = hessian.double()
     before = quadratic_loss(out["weight"].double() - weight.double(), h)

@@ -71,7 +71,8 @@ def resolve_weights(dense: torch.Tensor, start: torch.Tensor, keep: torch.Tensor
 
     Returns:
         weights ``[rows, in]`` (zero off ``keep``, dtype of ``start``) and info (iterations, seconds, and
-        ``resolve_loss``: ½·Σ_rows of (1) on the undamped ``hessian`` for the weights returned, in float64).
+        ``resolve_loss``: ½·Σ_rows of (1) on the undamped ``hessian`` for the weights returned, in float64;
+        ``row_objective``: (1) of every row, float64 ``[rows]``).
     """
     t0 = time.perf_counter()
     dtype = dtype or (torch.float64 if start.dtype == torch.float64 else torch.float32)
@@ -118,7 +119,24 @@ def resolve_weights(dense: torch.Tensor, start: torch.Tensor, keep: torch.Tensor
     out = torch.where(better.unsqueeze(1), x64, s64).to(start.dtype) * keep
     return out, dict(resolve_iterations=iters, resolve_rows_kept=int((~better).sum()),
                      resolve_loss=0.5 * float(torch.minimum(f_new, f_start).sum()),
-                     resolve_seconds=time.perf_counter() - t0)
+                     resolve_seconds=time.perf_counter() - t0, row_objective=torch.minimum(f_new, f_start))
+
+
+def better_rows(first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                second: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """Combine two (weights, keep-mask, per-row objective) solutions of one layer row by row, never changing the
+    layer's kept count: the better of the two whole solutions is the base, and every row whose kept count is the
+    same in both (every row under N:M) takes the solution with the lower objective.  Rows are independent in
+    the layer objective, so the result is at most the better whole solution's objective.  Returns weights,
+    keep-mask, per-row objective and info (which whole solution was the base, how many rows came from the
+    other)."""
+    base_second = float(second[2].sum()) < float(first[2].sum())
+    (w_a, k_a, f_a), (w_b, k_b, f_b) = (second, first) if base_second else (first, second)
+    swap = (k_a.sum(1) == k_b.sum(1)) & (f_b < f_a)
+    rows = swap.unsqueeze(1)
+    return (torch.where(rows, w_b, w_a), torch.where(rows, k_b, k_a), torch.where(swap, f_b, f_a),
+            dict(base="second" if base_second else "first", rows_from_other=int(swap.sum())))
 
 
 def _blocks(cols: int, width: int, offset: int) -> list[tuple[int, int]]:
