@@ -203,11 +203,13 @@ def _polish(out: dict, weight: torch.Tensor, hessian: torch.Tensor, pat: Pattern
         w, extra = resolve_weights(weight, w, keep, hessian, damp=damp, damp_mode=damp_mode)
         rows_loss = extra.pop("row_objective")
         if alternative is not None:            # ADMM ended flipping between two supports: the re-solved decide
-            other_keep, other_start = alternative
-            other_w, other_extra = resolve_weights(weight, other_start, other_keep, hessian, damp=damp,
-                                                   damp_mode=damp_mode)
-            w, keep, rows_loss, chosen = better_rows((w, keep, rows_loss),
-                                                     (other_w, other_keep, other_extra.pop("row_objective")))
+            other_keep, other_start = alternative       # rows the supports share re-solve to the same weights:
+            differ = (other_keep != keep).any(1)          # only the few rows that differ are solved again
+            part_w, other_extra = resolve_weights(weight[differ], other_start[differ], other_keep[differ], hessian,
+                                                  damp=damp, damp_mode=damp_mode)
+            other_w, other_rows = w.clone(), rows_loss.clone()
+            other_w[differ], other_rows[differ] = part_w, other_extra.pop("row_objective")
+            w, keep, rows_loss, chosen = better_rows((w, keep, rows_loss), (other_w, other_keep, other_rows))
             extra.update(resolve_seconds=extra["resolve_seconds"] + other_extra["resolve_seconds"],
                          resolve_loss=0.5 * float(rows_loss.sum()),
                          admm_support_choice="re-solved choice" if chosen["base"] == "second"
