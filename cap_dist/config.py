@@ -22,7 +22,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, WithJsonSchema,
                       model_validator)
 
-from cap_dist.solvers import DEFAULT_CAP_ADMM, DEFAULT_CAP_BLOCK, DEFAULT_SPARSEGPT_BLOCK
+from cap_dist.solvers import DEFAULT_CAP_ADMM, DEFAULT_CAP_BLOCK, DEFAULT_POLISH_DAMP, DEFAULT_SPARSEGPT_BLOCK
 from cap_dist.solvers.patterns import Pattern, parse_pattern
 
 
@@ -120,6 +120,10 @@ class PruneConfig(_Strict):
         "(one pass, as OBC does). keep (default): leave the dense model's. Measured on EfficientNet-Lite0 at 50 % "
         "(cap, 256 calibration images, 500 held out): reestimate 0.662 top-1, keep 0.720 (at 2:4: 0.488 vs "
         "0.416, but a larger KL to dense in both), so it is not the default. Nothing to do for models without BatchNorm"))
+    polish_damp: float | None = Field(None, ge=0.0, description=(
+        "damping of the curvature that refine, ADMM and resolve minimise (in damp_mode's form), separate from "
+        f"the method's damp: the greedy needs more on ill-conditioned layers than the polish does. null: "
+        f"{DEFAULT_POLISH_DAMP:g} (bench/damping.py)"))
     refine: int = Field(0, ge=0, description=(
         "exact block re-search sweeps of the mask after the method (before ADMM); measured to gain little "
         "(bench/results/ablation.json). Activation curvature only"))
@@ -139,7 +143,7 @@ class PruneConfig(_Strict):
         own = self.method == "cap" and self.curvature == "activations"
         return dict(resolve=own if self.resolve is None else self.resolve,
                     admm=(DEFAULT_CAP_ADMM if own else 0) if self.admm_iterations is None else self.admm_iterations,
-                    refine=self.refine)
+                    refine=self.refine, polish_damp=self.polish_damp)
 
     @property
     def cap_block(self) -> int | None:

@@ -72,15 +72,18 @@ def test_polish_defaults_are_the_methods_own() -> None:
     from cap_dist.solvers import DEFAULT_CAP_ADMM
 
     cap = recipe().prune
-    assert cap.polish == dict(resolve=True, admm=DEFAULT_CAP_ADMM, refine=0) and cap.method_damp_mode == "relative"
+    assert cap.polish == dict(resolve=True, admm=DEFAULT_CAP_ADMM, refine=0, polish_damp=None)
+    assert cap.method_damp_mode == "relative"
     for method in ("sparsegpt", "obs"):
         base = recipe(method=method).prune
-        assert base.polish == dict(resolve=False, admm=0, refine=0) and base.method_damp_mode == "mean"
+        assert base.polish == dict(resolve=False, admm=0, refine=0, polish_damp=None)
+        assert base.method_damp_mode == "mean"
     assert recipe(method="wanda").prune.method_damp_mode == "relative"
     assert recipe(method="sparsegpt", damp_mode="relative").prune.method_damp_mode == "relative"
     assert recipe(method="sparsegpt", resolve=True).prune.polish["resolve"] is True
-    assert recipe(admm_iterations=0, resolve=False, refine=2).prune.polish == dict(resolve=False, admm=0, refine=2)
-    assert recipe(curvature="fisher").prune.polish == dict(resolve=False, admm=0, refine=0)
+    assert recipe(admm_iterations=0, resolve=False, refine=2, polish_damp=1e-4).prune.polish == dict(
+        resolve=False, admm=0, refine=2, polish_damp=1e-4)
+    assert recipe(curvature="fisher").prune.polish == dict(resolve=False, admm=0, refine=0, polish_damp=None)
 
 
 @pytest.mark.parametrize("key,value", [("resolve", True), ("admm_iterations", 5), ("refine", 1)])

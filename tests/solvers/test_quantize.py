@@ -155,9 +155,9 @@ def test_pipeline_quantizes_pruned_layers_to_int8(workdir: Path) -> None:
         assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.01)      # sparsity unchanged
         assert all(on_int8_grid(row) for row in w.reshape(w.shape[0], -1))
         assert q.rel_error <= p.rel_error * 1.02 + 1e-5                             # only slightly worse
-        # int8 adds little: ≤ 10 % of the pruning loss (was 5 % before cap polished by default: resolve + ADMM cut
-        # the pruning loss on these tiny layers several-fold, not the int8 loss)
-        assert 0 < q.quant_loss < 0.1 * p.loss
+        # int8 adds little: ≤ 20 % of the pruning loss (5 % before cap polished by default, 10 % before the polish
+        # damping fell to 1e-3: each cut the pruning loss on these tiny layers, not the int8 loss)
+        assert 0 < q.quant_loss < 0.2 * p.loss
     assert plain.layers[0].quant_bits is None
 
 
