@@ -23,7 +23,7 @@ def _vit_and_data() -> tuple[torch.nn.Module, list[torch.Tensor]]:
     return model, inputs
 
 
-@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("allocation", ["calibrated", "global", "uniform"])
 def test_target_is_reached_and_the_model_is_smaller(allocation: str) -> None:
     model, inputs = _vit_and_data()
     dense_macs = sum(module_macs(model, inputs[0][:1]).values())
