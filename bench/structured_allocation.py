@@ -30,10 +30,13 @@ from bench.speed import CASES, structured_overrides  # noqa: E402
 from cap_dist.config import StructuredConfig, load_recipe  # noqa: E402
 from cap_dist.data.draw import draw_batches  # noqa: E402
 from cap_dist.engines.local import calibration_batches  # noqa: E402
-from cap_dist.eval import evaluate_model  # noqa: E402
+from cap_dist.eval import ClassificationMeter  # noqa: E402
 from cap_dist.models.source import load_model  # noqa: E402
+from cap_dist.structured.allocate import blend_counts  # noqa: E402
 from cap_dist.structured.prune import allocate, plan_structured  # noqa: E402
 from cap_dist.structured.trial import trial_weights  # noqa: E402
+
+BLENDS = (0.25, 0.5, 0.75)
 
 
 def block_facts(model: torch.nn.Module, name: str) -> dict[str, Any]:
@@ -66,27 +69,38 @@ def measure(case: str, method: str, work: Path) -> dict[str, Any]:
         alloc = allocate(plan, model, inputs, cfg)
     alloc_s = time.perf_counter() - start - curves_s
     consumer = {s.name: s.consumer for s in plan.structures}
+    counts_of = dict(alloc.candidate_counts)
+    for alpha in BLENDS:                         # blends of the calibrated and uniform counts: not chosen by the
+        counts_of[f"calibrated{alpha:g}+uniform"] = blend_counts(                # library (see the README)
+            counts_of["calibrated"], counts_of["uniform"], alpha, plan.valid)
+    with torch.no_grad():
+        dense_logits = [dense(x) for x, _ in evaluation]
     candidates = {}
-    for name, counts in alloc.candidate_counts.items():
+    for name, counts in counts_of.items():
         weights = {consumer[n]: plan.trial_weight(n, k, cfg.damp, cfg.damp_mode) for n, k in counts.items() if k}
-        with trial_weights(plan.consumers, weights):
-            metrics = evaluate_model(model, evaluation, dense_model=dense)
+        meter = ClassificationMeter()
+        with trial_weights(plan.consumers, weights), torch.no_grad():
+            calibration = alloc.candidates[name] if name in alloc.candidates else alloc.probe.error()
+            for (x, y), d in zip(evaluation, dense_logits):
+                meter.update(model(x), y, d)
+        metrics = meter.compute()
         kept = 1.0 - sum(plan.unit[n] * k for n, k in counts.items()) / plan.total
-        candidates[name] = {"calibration_error": alloc.candidates[name], "top1": metrics["top1"],
-                            "eval_kl": metrics["kl"], "macs_kept": kept, "counts": counts}
-        print(f"{case} {method} {name:>22}: calibration KL {alloc.candidates[name]:.4f}, eval top-1 "
-              f"{metrics['top1']:.4f}, eval KL {metrics['kl']:.4f}, kept {kept:.3f}", flush=True)
+        candidates[name] = {"calibration_error": calibration, "top1": metrics["top1"], "eval_kl": metrics["kl"],
+                            "macs_kept": kept, "chosen": name == alloc.chosen, "counts": counts}
+        print(f"{case} {method} {name:>22}: calibration KL {calibration:.4f}, eval top-1 "
+              f"{metrics['top1']:.4f}, eval KL {metrics['kl']:.4f}, kept {kept:.3f}"
+              + (" (chosen)" if name == alloc.chosen else ""), flush=True)
     rows = []
     for s in plan.structures:
         curve = plan.curves[s.name].curve
-        k_glob = alloc.candidate_counts["global"][s.name]
+        k_glob = counts_of["global"][s.name]
         weights = {s.consumer: plan.trial_weight(s.name, k_glob, cfg.damp, cfg.damp_mode)} if k_glob else {}
         with trial_weights(plan.consumers, weights), torch.no_grad():
             alone_global = alloc.probe.error()
         k_probe = alloc.probes[s.name]
         rows.append({"structure": s.name, "groups": s.groups, "macs_per_group": plan.unit[s.name],
                      **block_facts(model, s.name),
-                     **{f"k_{c}": alloc.candidate_counts[c][s.name] for c in ("global", "uniform", "calibrated")},
+                     **{f"k_{c}": counts_of[c][s.name] for c in ("global", "uniform", "calibrated")},
                      "probe_k": k_probe, "layer_loss_at_probe": float(curve[k_probe]),
                      "output_error_at_probe": alloc.sensitivity[s.name],
                      "layer_loss_at_global": float(curve[k_glob]), "output_error_alone_at_global": alone_global})
@@ -112,11 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=None, help="default: bench/results/structured_allocation-<case>.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = [measure(args.case, m.strip(), ROOT / "runs" / "structured-allocation") for m in args.methods.split(",")]
     path = Path(args.results or ROOT / "bench" / "results" / f"structured_allocation-{args.case}.json")
-    path.write_text(json.dumps({"command": " ".join(sys.argv), "threads": args.threads, "results": results},
-                               indent=1))
-    print(f"wrote {path}")
+    results = []
+    for method in args.methods.split(","):                     # written after every method: a long run keeps them
+        results.append(measure(args.case, method.strip(), ROOT / "runs" / "structured-allocation"))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"command": " ".join(sys.argv), "threads": args.threads, "results": results},
+                                  indent=1))
+        tmp.replace(path)
+        print(f"wrote {path}")
     return 0
 
 

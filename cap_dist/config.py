@@ -192,11 +192,11 @@ class StructuredConfig(_Strict):
     allocation: Literal["calibrated", "global", "uniform"] = Field("calibrated", description=(
         "calibrated: every structure's loss curve rescaled to the whole model's output error (KL to the dense "
         "logits, or relative error of an encoder's embeddings) measured on the calibration images with that "
-        "structure alone cut, the Lagrangian counts on those curves, then the candidates {that, global, uniform, "
-        "blends of it with uniform} tried on the calibration images and the one with the least output error kept "
-        "(one forward pass per structure and per candidate); global: counts minimising the summed loss relative "
-        "to each consumer's own output energy per saved MAC/parameter (no extra passes; misallocates on CNNs); "
-        "uniform: the same fraction of groups everywhere"))
+        "structure alone cut to its uniform count, and the Lagrangian counts on those curves; as a guard the "
+        "global and uniform counts are tried on the calibration images too and the least output error wins "
+        "(a forward pass of the calibration images per structure, plus three); global: counts minimising the "
+        "summed loss relative to each consumer's own output energy per saved MAC/parameter (no extra passes; "
+        "misallocates on CNNs); uniform: the same fraction of groups everywhere"))
     max_fraction: float = Field(0.9, gt=0.0, lt=1.0, description="the most of one module's groups removed")
     damp: float = Field(0.01, ge=0.0)
     damp_mode: Literal["relative", "mean"] = "relative"

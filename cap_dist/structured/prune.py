@@ -24,14 +24,12 @@ from cap_dist.models.structures import Structure, find_structures, remove_groups
 from cap_dist.solvers.numerics import layer_energy
 from cap_dist.solvers.structured import (damped_inverse, greedy_group_obs, group_loss, magnitude_group_scores,
                                          oneshot_group_scores, solve_kept_columns)
-from cap_dist.structured.allocate import (blend_counts, lagrangian_counts, output_scaled_curves, probe_counts,
+from cap_dist.structured.allocate import (lagrangian_counts, output_scaled_curves, probe_counts,
                                           uniform_counts)
 from cap_dist.structured.costs import GroupCost, group_costs, module_macs, total_params
 from cap_dist.structured.trial import OutputProbe, trial_weights
 
 log = logging.getLogger(__name__)
-
-CALIBRATED_BLENDS = (0.25, 0.5, 0.75)   # the calibrated allocation's blends with the uniform one that are tried
 
 
 @dataclass
@@ -44,6 +42,7 @@ class StructureRecord:
     groups: int
     kept: int
     method: str
+    allocation: str           # the allocation whose counts were used (calibrated: the guard's winner)
     rel_error: float          # ‖(Ŵ−W)X‖²/‖WX‖² of the consumer on the calibration inputs (undamped H)
     macs_per_group: float
     params_per_group: int
@@ -191,8 +190,6 @@ def allocate(plan: StructuredPlan, model: nn.Module, inputs: list[torch.Tensor],
     scaled = output_scaled_curves(structure_curves(plan), probes, sensitivity)
     calibrated = lagrangian_counts(scaled, plan.unit, plan.budget)
     candidates = {"calibrated": calibrated, "global": layer_global, "uniform": uniform}
-    for alpha in CALIBRATED_BLENDS:
-        candidates[f"calibrated{alpha:g}+uniform"] = blend_counts(calibrated, uniform, alpha, plan.valid)
     errors = {name: error_of(counts) for name, counts in candidates.items()}
     chosen = min(errors, key=errors.__getitem__)
     log.info("structured allocation candidates (mean output error per calibration image): %s; chose %s",
@@ -204,7 +201,8 @@ def prune_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: Structur
     """Remove structures from ``model`` (eval mode, on its device) in place until it keeps ``cfg.target`` of its
     compute or parameters; returns a record per structure, in module order."""
     plan = plan_structured(model, inputs, cfg)
-    counts = allocate(plan, model, inputs, cfg).counts
+    allocation = allocate(plan, model, inputs, cfg)
+    counts = allocation.counts
 
     def run() -> None:
         for x in inputs:
@@ -218,15 +216,15 @@ def prune_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: Structur
         if cfg.mode == "sequential" and counts[s.name]:    # re-calibrated on the pruned modules before it
             hessian = collect_hessians(run, {s.consumer: consumer})[s.consumer].hessian()
             order = removal_curve(flattened_weight(consumer), hessian, s, counts[s.name], cfg).order
-        records.append(_apply(model, s, consumer, hessian, order, plan.costs[s.name], cfg))
+        records.append(_apply(model, s, consumer, hessian, order, plan.costs[s.name], cfg, allocation.chosen))
     saved = sum(plan.unit[n] * k for n, k in counts.items())
-    log.info("structured (%s, %s): kept %.1f%% of the %s", cfg.method, cfg.allocation,
+    log.info("structured (%s, %s): kept %.1f%% of the %s", cfg.method, allocation.chosen,
              100 * (1 - saved / plan.total), "MACs" if cfg.measure == "flops" else "parameters")
     return records
 
 
 def _apply(model: nn.Module, structure: Structure, consumer: nn.Module, hessian: torch.Tensor,
-           removed: torch.Tensor, cost: GroupCost, cfg: StructuredConfig) -> StructureRecord:
+           removed: torch.Tensor, cost: GroupCost, cfg: StructuredConfig, allocation: str) -> StructureRecord:
     """Re-solve the consumer's kept columns exactly, write it, and shrink the module to the kept groups."""
     weight = flattened_weight(consumer).clone()
     pruned = weight.double()
@@ -242,4 +240,4 @@ def _apply(model: nn.Module, structure: Structure, consumer: nn.Module, hessian:
     if removed.numel():
         remove_groups(model, structure, alive.nonzero().squeeze(1))
     return StructureRecord(structure.name, structure.kind, structure.consumer, structure.groups,
-                           int(alive.sum()), cfg.method, rel, cost.macs, cost.params)
+                           int(alive.sum()), cfg.method, allocation, rel, cost.macs, cost.params)

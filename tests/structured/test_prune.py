@@ -56,7 +56,8 @@ def test_sequential_mode_recalibrates_each_module_on_the_pruned_ones_before_it()
     results = {}
     for mode in ("independent", "sequential"):
         model, inputs = _vit_and_data()
-        records = prune_structured(model, inputs, StructuredConfig(target=0.75, mode=mode, structures=["mlp"]))
+        records = prune_structured(model, inputs, StructuredConfig(target=0.75, mode=mode, structures=["mlp"],
+                                                                   allocation="global"))
         results[mode] = (model, records)
     (ind, ind_rec), (seq, seq_rec) = results["independent"], results["sequential"]
     assert [r.kept for r in ind_rec] == [r.kept for r in seq_rec]          # one allocation, from dense curves
