@@ -169,9 +169,11 @@ def real_case(name: str, case: dict[str, Any], out: Path, quick: bool, reps: int
                         + structured_overrides(case["target"], method, case["structures"]))
         start = time.perf_counter()
         prune(r)
-        model, _ = load_sparse(r.output)
+        model, manifest = load_sparse(r.output)
         metrics = evaluate_model(model, evaluation, dense_model=dense)
+        chosen = {row.get("allocation") for row in manifest.get("structured", [])}
         oneshot[method] = {"top1": metrics["top1"], "agreement": metrics["agreement"], "kl": metrics["kl"],
+                           "allocation": chosen.pop() if len(chosen) == 1 else None,
                            "macs_kept": macs_of(model, image) / dense_macs,
                            "params_kept": sum(p.numel() for p in model.parameters()) / sum(
                                p.numel() for p in dense.parameters()),

@@ -193,9 +193,14 @@ class StructuredConfig(_Strict):
     method: Literal["cap", "obs", "magnitude"] = Field("cap", description=(
         "cap: greedy group OBS with inverse downdates; obs: one-shot group OBS scores; magnitude: group L2 norm. "
         "All three end with the exact least-squares re-solve of the kept columns"))
-    allocation: Literal["global", "uniform"] = Field("global", description=(
-        "global: per-structure counts minimising the summed relative loss per saved MAC/parameter; uniform: the "
-        "same fraction of groups everywhere"))
+    allocation: Literal["calibrated", "global", "uniform"] = Field("calibrated", description=(
+        "calibrated: every structure's loss curve rescaled to the whole model's output error (KL to the dense "
+        "logits, or relative error of an encoder's embeddings) measured on the calibration images with that "
+        "structure alone cut to its uniform count, and the Lagrangian counts on those curves; as a guard the "
+        "global and uniform counts are tried on the calibration images too and the least output error wins "
+        "(a forward pass of the calibration images per structure, plus three); global: counts minimising the "
+        "summed loss relative to each consumer's own output energy per saved MAC/parameter (no extra passes; "
+        "misallocates on CNNs); uniform: the same fraction of groups everywhere"))
     max_fraction: float = Field(0.9, gt=0.0, lt=1.0, description="the most of one module's groups removed")
     damp: float = Field(0.01, ge=0.0)
     damp_mode: Literal["relative", "mean"] = "relative"

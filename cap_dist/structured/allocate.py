@@ -1,10 +1,16 @@
 """How many groups each structure loses, to remove a budget of compute (or parameters) at the least total loss.
 
-Pure functions of the per-structure loss curves (cumulative, relative to the layer's output energy, 0 at 0
-removed) and the cost of one group. ``global``: the Lagrangian choice — every structure takes the count minimising
-curve[k] − λ·cost·k, with λ (loss per saved MAC) the smallest that reaches the budget, found by bisection; this is
-the optimum of the convex hulls of the curves, so a non-convex curve cannot trap the allocation. ``uniform``: every
-structure loses the same fraction of its groups, the smallest that reaches the budget.
+Pure functions of the per-structure loss curves (cumulative, 0 at 0 removed) and the cost of one group.
+``global``: the Lagrangian choice — every structure takes the count minimising curve[k] − λ·cost·k, with λ (loss
+per saved MAC) the smallest that reaches the budget, found by bisection; this is the optimum of the convex hulls of
+the curves, so a non-convex curve cannot trap the allocation. ``uniform``: every structure loses the same fraction
+of its groups, the smallest that reaches the budget.
+
+The Lagrangian choice is only as good as the curves' common unit. A layer's loss relative to its own output energy
+is not one: on EfficientNet-Lite0 the model's output error per unit of it is 10–30× larger in the blocks without a
+residual sum than in those with one (bench/structured_allocation.py), so the global choice strips exactly the
+blocks that hurt most. :func:`output_scaled_curves` puts every curve in the model's unit, from one measurement of
+the model's output error per structure (cap_dist/structured/trial.py), before the Lagrangian choice.
 """
 
 from __future__ import annotations
@@ -93,3 +99,54 @@ def uniform_counts(groups: Mapping[str, int], valid: Mapping[str, torch.Tensor],
         else:
             lo = mid
     return counts(hi)
+
+
+def smallest_valid_at_least(valid: torch.Tensor, count: float) -> int:
+    """The smallest count ``k >= count`` that ``valid[k]`` allows (``valid[0]`` is always allowed)."""
+    allowed = valid.nonzero().squeeze(1)
+    above = allowed[allowed.double() >= count - 1e-9]
+    if above.numel() == 0:
+        raise BudgetError(f"no allowed count reaches {count:.4g} (at most {int(allowed.max())})")
+    return int(above.min())
+
+
+def blend_counts(a: Mapping[str, int], b: Mapping[str, int], alpha: float,
+                 valid: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Per structure the smallest allowed count at or above ``alpha·a + (1 − alpha)·b``. What a structure saves is
+    linear in its count, so when ``a`` and ``b`` both reach a budget, so does every blend."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} must lie in [0, 1]")
+    return {n: smallest_valid_at_least(valid[n], alpha * a[n] + (1.0 - alpha) * b[n]) for n in a}
+
+
+def probe_counts(uniform: Mapping[str, int], valid: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Where to measure each structure's effect on the model's output: at its count under the uniform allocation
+    (a typical depth for the target), at least one group (the least allowed count above 0), 0 when none is."""
+    out = {}
+    for n, k in uniform.items():
+        allowed = valid[n].nonzero().squeeze(1)
+        allowed = allowed[allowed > 0]
+        out[n] = k if k > 0 else (int(allowed.min()) if allowed.numel() else 0)
+    return out
+
+
+def output_scaled_curves(curves: Mapping[str, torch.Tensor], probes: Mapping[str, int],
+                         errors: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """Every layer loss curve rescaled to the model's output error: ``curve · e / curve[k]`` where ``e`` is the
+    output error measured with that structure alone cut to its probe count ``k``. Both are second order in the
+    perturbation, so their ratio is the structure's output sensitivity per unit of layer loss; the Lagrangian
+    allocation then compares structures in one unit (the model's) instead of each layer's own.
+
+    A structure probed at 0 groups or whose layer loss is 0 at its probe gets the median sensitivity of the
+    others (no measurement can give it one)."""
+    if set(curves) != set(probes) or set(curves) != set(errors):
+        raise ValueError("curves, probe counts and measured errors must name the same structures")
+    scale: dict[str, float] = {}
+    for n, curve in curves.items():
+        k = probes[n]
+        if errors[n] < 0 or not math.isfinite(errors[n]):
+            raise ValueError(f"{n}: measured output error {errors[n]} must be finite and >= 0")
+        if k > 0 and math.isfinite(float(curve[k])) and float(curve[k]) > 0:
+            scale[n] = errors[n] / float(curve[k])
+    fallback = float(torch.tensor(list(scale.values()), dtype=torch.float64).median()) if scale else 1.0
+    return {n: curve.double() * scale.get(n, fallback) for n, curve in curves.items()}

@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from cap_dist.config import StructuredConfig
+from cap_dist.finetune.loop import model_kind
 from cap_dist.models.capture import collect_hessians, flattened_weight, set_flattened_weight
 from cap_dist.models.structures import Structure, find_structures, remove_groups
 from cap_dist.solvers.numerics import layer_energy
 from cap_dist.solvers.structured import (damped_inverse, greedy_group_obs, group_loss, magnitude_group_scores,
                                          oneshot_group_scores, solve_kept_columns)
-from cap_dist.structured.allocate import lagrangian_counts, uniform_counts
+from cap_dist.structured.allocate import (lagrangian_counts, output_scaled_curves, probe_counts,
+                                          uniform_counts)
 from cap_dist.structured.costs import GroupCost, group_costs, module_macs, total_params
+from cap_dist.structured.trial import OutputProbe, trial_weights
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ class StructureRecord:
     groups: int
     kept: int
     method: str
+    allocation: str           # the allocation whose counts were used (calibrated: the guard's winner)
     rel_error: float          # ‖(Ŵ−W)X‖²/‖WX‖² of the consumer on the calibration inputs (undamped H)
     macs_per_group: float
     params_per_group: int
@@ -91,16 +95,51 @@ def model_total(model: nn.Module, macs: dict[str, float], measure: str) -> float
     return sum(macs.values()) if measure == "flops" else float(total_params(model))
 
 
-def prune_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: StructuredConfig) -> list[StructureRecord]:
-    """Remove structures from ``model`` (eval mode, on its device) in place until it keeps ``cfg.target`` of its
-    compute or parameters; returns a record per structure, in module order."""
+@dataclass
+class StructuredPlan:
+    """Everything the allocation needs, from one calibration pass on the dense model."""
+
+    structures: list[Structure]
+    consumers: dict[str, nn.Module]
+    hessians: dict[str, torch.Tensor]
+    curves: dict[str, LayerCurve]
+    costs: dict[str, GroupCost]
+    unit: dict[str, float]          # what one group saves in the target's measure
+    valid: dict[str, torch.Tensor]  # which counts each structure allows
+    total: float                    # the dense model's MACs or parameters
+    budget: float                   # how much of it to remove
+
+    def trial_weight(self, name: str, count: int, damp: float, damp_mode: str) -> torch.Tensor:
+        """The consumer's re-solved weight with the first ``count`` groups of the structure's order removed."""
+        s = next(x for x in self.structures if x.name == name)
+        weight = flattened_weight(self.consumers[s.consumer])
+        removed = s.columns()[self.curves[name].order[:count]].reshape(-1)
+        return solve_kept_columns(weight, self.hessians[s.consumer], removed, damp=damp,
+                                  damp_mode=damp_mode).to(weight.dtype)
+
+
+@dataclass
+class Allocation:
+    """The chosen counts and, for ``calibrated``, every candidate's output error on the calibration images."""
+
+    counts: dict[str, int]
+    chosen: str
+    candidates: dict[str, float] = field(default_factory=dict)    # candidate -> mean output error per image
+    candidate_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    probes: dict[str, int] = field(default_factory=dict)          # structure -> count its sensitivity was probed at
+    sensitivity: dict[str, float] = field(default_factory=dict)   # structure -> output error with it alone cut there
+    probe: OutputProbe | None = None                               # the dense outputs the errors are measured against
+
+
+def plan_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: StructuredConfig) -> StructuredPlan:
+    """Find the structures, capture their consumers' input Hessians (one pass on the dense model) and measure every
+    structure's loss curve with the method."""
     structures = find_structures(model, tuple(cfg.structures), tuple(cfg.ignore))
     macs = module_macs(model, inputs[0][:1])
     costs = group_costs(model, structures, macs)
     unit = {s.name: (costs[s.name].macs if cfg.measure == "flops" else float(costs[s.name].params))
             for s in structures}
     total = model_total(model, macs, cfg.measure)
-    budget = (1.0 - cfg.target) * total
     consumers = {s.consumer: model.get_submodule(s.consumer) for s in structures}
 
     def run() -> None:
@@ -108,34 +147,84 @@ def prune_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: Structur
             model(x)
 
     accs = collect_hessians(run, consumers)
+    hessians = {name: acc.hessian() for name, acc in accs.items()}
     limits = {s.name: min(s.groups - 1, math.floor(cfg.max_fraction * s.groups)) for s in structures}
     curves: dict[str, LayerCurve] = {}
     for s in tqdm(structures, desc=f"structured curves ({cfg.method})", unit="module", leave=False):
-        curves[s.name] = removal_curve(flattened_weight(consumers[s.consumer]), accs[s.consumer].hessian(), s,
+        curves[s.name] = removal_curve(flattened_weight(consumers[s.consumer]), hessians[s.consumer], s,
                                        limits[s.name], cfg)
     valid = {s.name: valid_counts(s, limits[s.name], cfg.multiple_of) for s in structures}
+    return StructuredPlan(structures, consumers, hessians, curves, costs, unit, valid, total,
+                          (1.0 - cfg.target) * total)
+
+
+def structure_curves(plan: StructuredPlan) -> dict[str, torch.Tensor]:
+    """The layer loss curves with the counts a width rule forbids at an infinite loss."""
+    return {n: torch.where(plan.valid[n], c.curve, torch.inf) for n, c in plan.curves.items()}
+
+
+def allocate(plan: StructuredPlan, model: nn.Module, inputs: list[torch.Tensor],
+             cfg: StructuredConfig) -> Allocation:
+    """Groups to remove per structure, as ``cfg.allocation`` says (see :class:`StructuredConfig`)."""
+    uniform = uniform_counts({s.name: s.groups for s in plan.structures}, plan.valid, plan.unit, plan.budget)
+    if cfg.allocation == "uniform":
+        return Allocation(uniform, "uniform")
+    layer_global = lagrangian_counts(structure_curves(plan), plan.unit, plan.budget)
     if cfg.allocation == "global":
-        counts = lagrangian_counts({n: torch.where(valid[n], c.curve, torch.inf) for n, c in curves.items()}, unit,
-                                   budget)
-    else:
-        counts = uniform_counts({s.name: s.groups for s in structures}, valid, unit, budget)
+        return Allocation(layer_global, "global")
+    probe = OutputProbe(model, inputs, model_kind(model))
+    weights: dict[tuple[str, int], torch.Tensor] = {}
+
+    def error_of(counts: dict[str, int]) -> float:
+        for n, k in counts.items():
+            if k and (n, k) not in weights:
+                weights[(n, k)] = plan.trial_weight(n, k, cfg.damp, cfg.damp_mode)
+        consumer = {s.name: s.consumer for s in plan.structures}
+        with trial_weights(plan.consumers, {consumer[n]: weights[(n, k)] for n, k in counts.items() if k}):
+            return probe.error()
+
+    probes = probe_counts(uniform, plan.valid)
+    sensitivity = {}
+    for s in tqdm(plan.structures, desc="structured output sensitivity", unit="module", leave=False):
+        sensitivity[s.name] = error_of({s.name: probes[s.name]})
+    scaled = output_scaled_curves(structure_curves(plan), probes, sensitivity)
+    calibrated = lagrangian_counts(scaled, plan.unit, plan.budget)
+    candidates = {"calibrated": calibrated, "global": layer_global, "uniform": uniform}
+    errors = {name: error_of(counts) for name, counts in candidates.items()}
+    chosen = min(errors, key=errors.__getitem__)
+    log.info("structured allocation candidates (mean output error per calibration image): %s; chose %s",
+             ", ".join(f"{n} {e:.4g}" for n, e in errors.items()), chosen)
+    return Allocation(candidates[chosen], chosen, errors, candidates, probes, sensitivity, probe)
+
+
+def prune_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: StructuredConfig) -> list[StructureRecord]:
+    """Remove structures from ``model`` (eval mode, on its device) in place until it keeps ``cfg.target`` of its
+    compute or parameters; returns a record per structure, in module order."""
+    plan = plan_structured(model, inputs, cfg)
+    allocation = allocate(plan, model, inputs, cfg)
+    counts = allocation.counts
+
+    def run() -> None:
+        for x in inputs:
+            model(x)
+
     records = []
-    for s in tqdm(structures, desc=f"structured ({cfg.mode})", unit="module", leave=False):
-        hessian = accs.pop(s.consumer).hessian()
-        order = curves[s.name].order[:counts[s.name]]
+    for s in tqdm(plan.structures, desc=f"structured ({cfg.mode})", unit="module", leave=False):
+        consumer = plan.consumers[s.consumer]
+        hessian = plan.hessians.pop(s.consumer)
+        order = plan.curves[s.name].order[:counts[s.name]]
         if cfg.mode == "sequential" and counts[s.name]:    # re-calibrated on the pruned modules before it
-            layer = {s.consumer: consumers[s.consumer]}
-            hessian = collect_hessians(run, layer)[s.consumer].hessian()
-            order = removal_curve(flattened_weight(consumers[s.consumer]), hessian, s, counts[s.name], cfg).order
-        records.append(_apply(model, s, consumers[s.consumer], hessian, order, costs[s.name], cfg))
-    saved = sum(unit[n] * k for n, k in counts.items())
-    log.info("structured (%s, %s): kept %.1f%% of the %s", cfg.method, cfg.allocation, 100 * (1 - saved / total),
-             "MACs" if cfg.measure == "flops" else "parameters")
+            hessian = collect_hessians(run, {s.consumer: consumer})[s.consumer].hessian()
+            order = removal_curve(flattened_weight(consumer), hessian, s, counts[s.name], cfg).order
+        records.append(_apply(model, s, consumer, hessian, order, plan.costs[s.name], cfg, allocation.chosen))
+    saved = sum(plan.unit[n] * k for n, k in counts.items())
+    log.info("structured (%s, %s): kept %.1f%% of the %s", cfg.method, allocation.chosen,
+             100 * (1 - saved / plan.total), "MACs" if cfg.measure == "flops" else "parameters")
     return records
 
 
 def _apply(model: nn.Module, structure: Structure, consumer: nn.Module, hessian: torch.Tensor,
-           removed: torch.Tensor, cost: GroupCost, cfg: StructuredConfig) -> StructureRecord:
+           removed: torch.Tensor, cost: GroupCost, cfg: StructuredConfig, allocation: str) -> StructureRecord:
     """Re-solve the consumer's kept columns exactly, write it, and shrink the module to the kept groups."""
     weight = flattened_weight(consumer).clone()
     pruned = weight.double()
@@ -151,4 +240,4 @@ def _apply(model: nn.Module, structure: Structure, consumer: nn.Module, hessian:
     if removed.numel():
         remove_groups(model, structure, alive.nonzero().squeeze(1))
     return StructureRecord(structure.name, structure.kind, structure.consumer, structure.groups,
-                           int(alive.sum()), cfg.method, rel, cost.macs, cost.params)
+                           int(alive.sum()), cfg.method, allocation, rel, cost.macs, cost.params)

@@ -23,7 +23,7 @@ def _vit_and_data() -> tuple[torch.nn.Module, list[torch.Tensor]]:
     return model, inputs
 
 
-@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("allocation", ["calibrated", "global", "uniform"])
 def test_target_is_reached_and_the_model_is_smaller(allocation: str) -> None:
     model, inputs = _vit_and_data()
     dense_macs = sum(module_macs(model, inputs[0][:1]).values())
@@ -56,7 +56,8 @@ def test_sequential_mode_recalibrates_each_module_on_the_pruned_ones_before_it()
     results = {}
     for mode in ("independent", "sequential"):
         model, inputs = _vit_and_data()
-        records = prune_structured(model, inputs, StructuredConfig(target=0.75, mode=mode, structures=["mlp"]))
+        records = prune_structured(model, inputs, StructuredConfig(target=0.75, mode=mode, structures=["mlp"],
+                                                                   allocation="global"))
         results[mode] = (model, records)
     (ind, ind_rec), (seq, seq_rec) = results["independent"], results["sequential"]
     assert [r.kept for r in ind_rec] == [r.kept for r in seq_rec]          # one allocation, from dense curves

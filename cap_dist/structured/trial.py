@@ -1,0 +1,87 @@
+"""The whole model's output error under a structured allocation, on the calibration images, without committing to it.
+
+A layer's loss ‖(Ŵ−W)X‖² says how much one consumer's output moves, not what that costs the model: on a CNN a
+BatchNorm rescales every output channel after the consumer, a residual sum dilutes the branch, and an error in an
+early block passes through every later one. Structured pruning can be tried cheaply on the whole model instead:
+removing a group is exactly zeroing its consumer columns (the producer's rows feed nothing else), so an allocation
+is tried by writing each consumer's re-solved weight with the removed columns at zero, running the calibration
+images and putting the original weights back. :mod:`cap_dist.structured.prune` does it once per structure (to
+express every layer's loss curve in the units of the model's output error) and once per candidate allocation (to
+keep the best).
+
+    probe = OutputProbe(model, inputs, "classifier")
+    with trial_weights(consumers, {"blocks.3.conv_pwl": pruned_2d}):
+        error = probe.error()                    # mean KL(dense ‖ pruned) per calibration image
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cap_dist.models.capture import flattened_weight, set_flattened_weight
+
+OutputKind = Literal["classifier", "encoder"]
+
+
+def output_error(out: torch.Tensor, dense: torch.Tensor, kind: OutputKind) -> float:
+    """The summed error of a batch of outputs against the dense model's, in float64.
+
+    ``classifier``: Σ_rows KL(softmax(dense) ‖ softmax(out)) (what top-1 and distillation follow);
+    ``encoder``: Σ_rows ‖out − dense‖² / ‖dense‖² (relative squared error of each embedding).
+    """
+    if out.shape != dense.shape:
+        raise ValueError(f"pruned output {tuple(out.shape)} and dense output {tuple(dense.shape)} differ")
+    out, dense = out.double().reshape(out.shape[0], -1), dense.double().reshape(dense.shape[0], -1)
+    if kind == "classifier":
+        log_dense, log_out = F.log_softmax(dense, dim=1), F.log_softmax(out, dim=1)
+        return float((log_dense.exp() * (log_dense - log_out)).sum())
+    if kind == "encoder":
+        return float(((out - dense).pow(2).sum(1) / dense.pow(2).sum(1).clamp_min(1e-300)).sum())
+    raise ValueError(f"output kind {kind!r} is not 'classifier' or 'encoder'")
+
+
+class OutputProbe:
+    """The dense model's outputs on the calibration inputs, kept, and the mean error of the model's current
+    outputs against them (:func:`output_error` per image)."""
+
+    def __init__(self, model: nn.Module, inputs: list[torch.Tensor], kind: OutputKind) -> None:
+        if not inputs:
+            raise ValueError("the output probe needs at least one calibration batch")
+        self.model, self.inputs, self.kind = model, inputs, kind
+        self.dense = self._outputs()
+        self.images = sum(int(x.shape[0]) for x in inputs)
+
+    def _outputs(self) -> list[torch.Tensor]:
+        with torch.no_grad():
+            outs = [self.model(x) for x in self.inputs]
+        if not all(isinstance(o, torch.Tensor) for o in outs):
+            raise TypeError(f"{type(self.model).__name__} must return a tensor to compare structured allocations; "
+                            "use structured.allocation: global or uniform for this model")
+        return outs
+
+    def error(self) -> float:
+        """Mean output error per calibration image of the model as it is now."""
+        return sum(output_error(o, d, self.kind) for o, d in zip(self._outputs(), self.dense)) / self.images
+
+
+@contextmanager
+def trial_weights(consumers: Mapping[str, nn.Module], weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Write the flattened ``[out, in]`` ``weights`` into the named consumers for the ``with`` body, then put the
+    original weights back (also when the body raises)."""
+    unknown = set(weights) - set(consumers)
+    if unknown:
+        raise KeyError(f"no consumer layer named {sorted(unknown)[:3]}")
+    saved = {name: flattened_weight(consumers[name]).clone() for name in weights}
+    try:
+        for name, w in weights.items():
+            set_flattened_weight(consumers[name], w)
+        yield
+    finally:
+        for name, w in saved.items():
+            set_flattened_weight(consumers[name], w)
