@@ -54,18 +54,22 @@ from cap_dist.structured.costs import module_macs  # noqa: E402
 METHODS = ("cap", "obs", "magnitude")
 
 
-def structured_overrides(target: float, method: str, structures: list[str]) -> list[str]:
+def structured_overrides(case: dict[str, Any], method: str) -> list[str]:
     return ["engine=local", "prune.sparsity=0", "schedule.first=null",
-            f"structured={{target: {target}, method: {method}, structures: [{', '.join(structures)}]}}"]
+            f"structured={{target: {case['target']}, measure: {case['measure']}, "
+            f"latency_batch: {case.get('latency_batch', 64)}, method: {method}, "
+            f"structures: [{', '.join(case['structures'])}]}}"]
 
 
 CASES: dict[str, dict[str, Any]] = {
     "vit4mnist": {"recipe": "jobs/vit4mnist.yaml", "model": "vit4mnist", "finetune": lambda e: vit4mnist(0.0, 1, e),
                   "epochs": 6,
-                  "quick_epochs": 2, "target": 0.5, "structures": ["mlp", "heads"], "batches": (1, 64, 256)},
+                  "quick_epochs": 2, "target": 0.6, "measure": "latency", "latency_batch": 64,
+                  "structures": ["mlp", "heads"], "batches": (1, 64, 256)},
     "effnet-lite0": {"recipe": "jobs/effnet_lite0.yaml", "model": "tf_efficientnet_lite0",
                      "finetune": lambda e: effnet(0.0, 1, e), "epochs": 4,
-                     "quick_epochs": 1, "target": 0.75, "structures": ["channels"], "batches": (1, 64)},
+                     "quick_epochs": 1, "target": 0.75, "measure": "flops", "structures": ["channels"],
+                     "batches": (1, 64)},
     "vitb16-shape": {"shape_only": "vit_base_patch16_224", "target": 0.5, "batches": (1, 64)},
 }
 
@@ -151,13 +155,22 @@ def macs_of(model: nn.Module, image: tuple[int, int, int]) -> float:
     return sum(module_macs(model.eval(), torch.zeros((1, *image))).values())
 
 
+def kept_by_kind(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The fraction of each kind's groups (MLP units, heads, channels) the structured output kept."""
+    kinds: dict[str, list[int]] = {}
+    for row in rows:
+        kept, groups = kinds.setdefault(row["kind"], [0, 0])
+        kinds[row["kind"]] = [kept + row["kept"], groups + row["groups"]]
+    return {k: round(kept / groups, 4) for k, (kept, groups) in kinds.items()}
+
+
 def real_case(name: str, case: dict[str, Any], out: Path, quick: bool, reps: int, threads: int,
               recover: bool, work: Path, epochs: int | None = None) -> dict[str, Any]:
     recipe_path = str(ROOT / case["recipe"])
     epochs = epochs or (case["quick_epochs"] if quick else case["epochs"])
     source = f"model.source={ROOT.parent / 'shared' / 'models' / case['model']}"   # absolute: outputs load anywhere
     recipe = load_recipe(recipe_path, case["finetune"](epochs) + [source, f"output={work}/x"]
-                         + structured_overrides(case["target"], "cap", case["structures"]))
+                         + structured_overrides(case, "cap"))
     dense, spec = load_model(recipe.model.source)
     evaluation = draw_batches(recipe.evaluation, spec, purpose="evaluation")
     image = (int(spec.get("channels", 3)), int(spec["size"]), int(spec["size"]))
@@ -166,7 +179,7 @@ def real_case(name: str, case: dict[str, Any], out: Path, quick: bool, reps: int
     oneshot = {}
     for method in METHODS:
         r = load_recipe(recipe_path, case["finetune"](epochs) + [source, f"output={work}/{name}-{method}"]
-                        + structured_overrides(case["target"], method, case["structures"]))
+                        + structured_overrides(case, method))
         start = time.perf_counter()
         prune(r)
         model, manifest = load_sparse(r.output)
@@ -177,10 +190,13 @@ def real_case(name: str, case: dict[str, Any], out: Path, quick: bool, reps: int
                            "macs_kept": macs_of(model, image) / dense_macs,
                            "params_kept": sum(p.numel() for p in model.parameters()) / sum(
                                p.numel() for p in dense.parameters()),
+                           "kept_by_kind": kept_by_kind(manifest.get("structured", [])),
                            "prune_seconds": time.perf_counter() - start, "output": r.output}
         print(f"{name} one-shot {method}: top-1 {metrics['top1']:.4f} (dense {dense_top1:.4f}), "
-              f"MACs kept {oneshot[method]['macs_kept']:.3f}", flush=True)
-    result: dict[str, Any] = {"case": name, "target": case["target"], "dense_top1": dense_top1,
+              f"MACs kept {oneshot[method]['macs_kept']:.3f}, groups kept {oneshot[method]['kept_by_kind']}",
+              flush=True)
+    result: dict[str, Any] = {"case": name, "target": case["target"], "measure": case["measure"],
+                              "latency_batch": case.get("latency_batch"), "dense_top1": dense_top1,
                               "eval_images": sum(int(x.shape[0]) for x, _ in evaluation), "oneshot": oneshot}
     structured, _ = load_sparse(oneshot["cap"]["output"])
     if recover:
@@ -270,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-recovery", action="store_true", help="skip the Ray Train recovery")
     parser.add_argument("--epochs", type=int, default=None, help="recovery epochs (default: per case; --quick: fewer)")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes to time (default: per case)")
+    parser.add_argument("--target", type=float, default=None, help="structured.target of the real cases "
+                                                                   "(default: per case)")
+    parser.add_argument("--measure", choices=("flops", "params", "latency"), default=None,
+                        help="structured.measure of the real cases (default: per case)")
     args = parser.parse_args(argv)
     cases = ["vit4mnist"] if args.quick else [c.strip() for c in args.cases.split(",")]
     unknown = set(cases) - set(CASES)
@@ -291,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
             case = dict(CASES[name])
             if args.batches:
                 case["batches"] = tuple(int(b) for b in args.batches.split(","))
+            if "recipe" in case:
+                case["target"] = args.target or case["target"]
+                case["measure"] = args.measure or case["measure"]
             if "shape_only" in case:
                 results.append(shape_case(name, case, args.reps, args.threads, work))
             else:

@@ -184,9 +184,15 @@ class StructuredConfig(_Strict):
     physically smaller model. ``prune`` then sparsifies / quantizes what remains; ``prune.sparsity: 0`` (and no
     N:M, no quantize) stops after the structured step. See cap_dist/structured."""
 
-    target: float = Field(gt=0.0, lt=1.0, description="fraction of the dense model's compute (measure=flops) or "
-                                                       "parameters (measure=params) that stays, e.g. 0.6")
-    measure: Literal["flops", "params"] = "flops"
+    target: float = Field(gt=0.0, lt=1.0, description="fraction of the dense model's compute (measure=flops), "
+                                                       "parameters (measure=params) or measured latency "
+                                                       "(measure=latency) that stays, e.g. 0.6")
+    measure: Literal["flops", "params", "latency"] = Field("flops", description=(
+        "flops: MACs per image; params: parameters; latency: wall time per forward pass of latency_batch images "
+        "on the device that prunes, from a table timed there (every structure's module at four widths; see "
+        "cap_dist/structured/latency.py): use it when the goal is speed on that kind of device, since MACs "
+        "under-price attention heads and small layers"))
+    latency_batch: int = Field(64, ge=1, description="batch size the latency table is timed at (measure=latency)")
     structures: list[Literal["mlp", "heads", "channels"]] = Field(
         default_factory=lambda: ["mlp", "heads", "channels"], description="what may be removed (kinds the model "
                                                                           "lacks are skipped)")

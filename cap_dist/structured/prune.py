@@ -24,9 +24,10 @@ from cap_dist.models.structures import Structure, find_structures, remove_groups
 from cap_dist.solvers.numerics import layer_energy
 from cap_dist.solvers.structured import (damped_inverse, greedy_group_obs, group_loss, magnitude_group_scores,
                                          oneshot_group_scores, solve_kept_columns)
-from cap_dist.structured.allocate import (lagrangian_counts, output_scaled_curves, probe_counts,
+from cap_dist.structured.allocate import (BudgetError, lagrangian_counts, output_scaled_curves, probe_counts,
                                           uniform_counts)
 from cap_dist.structured.costs import GroupCost, group_costs, module_macs, total_params
+from cap_dist.structured.latency import LatencyTable, measure_latency
 from cap_dist.structured.trial import OutputProbe, trial_weights
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class StructureRecord:
     rel_error: float          # ‖(Ŵ−W)X‖²/‖WX‖² of the consumer on the calibration inputs (undamped H)
     macs_per_group: float
     params_per_group: int
+    latency_per_group_us: float | None = None   # measure=latency: the timed saving of one group (microseconds)
 
     def row(self) -> dict:
         return asdict(self)
@@ -106,8 +108,9 @@ class StructuredPlan:
     costs: dict[str, GroupCost]
     unit: dict[str, float]          # what one group saves in the target's measure
     valid: dict[str, torch.Tensor]  # which counts each structure allows
-    total: float                    # the dense model's MACs or parameters
+    total: float                    # the dense model's MACs, parameters or seconds per forward pass
     budget: float                   # how much of it to remove
+    latency: LatencyTable | None = None   # measure=latency: the timed table behind ``unit`` and ``total``
 
     def trial_weight(self, name: str, count: int, damp: float, damp_mode: str) -> torch.Tensor:
         """The consumer's re-solved weight with the first ``count`` groups of the structure's order removed."""
@@ -137,9 +140,19 @@ def plan_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: Structure
     structures = find_structures(model, tuple(cfg.structures), tuple(cfg.ignore))
     macs = module_macs(model, inputs[0][:1])
     costs = group_costs(model, structures, macs)
-    unit = {s.name: (costs[s.name].macs if cfg.measure == "flops" else float(costs[s.name].params))
-            for s in structures}
-    total = model_total(model, macs, cfg.measure)
+    latency = None
+    if cfg.measure == "latency":
+        latency = measure_latency(model, structures, inputs, cfg.latency_batch)
+        unit, total = latency_units(latency), latency.model_seconds
+        log.info("latency table at batch %d: model %.3f ms; per group %s", latency.batch, 1e3 * total,
+                 ", ".join(f"{n} {1e6 * v:.1f} us" for n, v in latency.per_group.items()))
+    else:
+        unit = {s.name: (costs[s.name].macs if cfg.measure == "flops" else float(costs[s.name].params))
+                for s in structures}
+        total = model_total(model, macs, cfg.measure)
+    limits = {s.name: min(s.groups - 1, math.floor(cfg.max_fraction * s.groups)) for s in structures}
+    valid = {s.name: valid_counts(s, limits[s.name], cfg.multiple_of) for s in structures}
+    check_reachable(unit, valid, total, cfg)
     consumers = {s.consumer: model.get_submodule(s.consumer) for s in structures}
 
     def run() -> None:
@@ -148,14 +161,34 @@ def plan_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: Structure
 
     accs = collect_hessians(run, consumers)
     hessians = {name: acc.hessian() for name, acc in accs.items()}
-    limits = {s.name: min(s.groups - 1, math.floor(cfg.max_fraction * s.groups)) for s in structures}
     curves: dict[str, LayerCurve] = {}
     for s in tqdm(structures, desc=f"structured curves ({cfg.method})", unit="module", leave=False):
         curves[s.name] = removal_curve(flattened_weight(consumers[s.consumer]), hessians[s.consumer], s,
                                        limits[s.name], cfg)
-    valid = {s.name: valid_counts(s, limits[s.name], cfg.multiple_of) for s in structures}
     return StructuredPlan(structures, consumers, hessians, curves, costs, unit, valid, total,
-                          (1.0 - cfg.target) * total)
+                          (1.0 - cfg.target) * total, latency)
+
+
+def check_reachable(unit: dict[str, float], valid: dict[str, torch.Tensor], total: float,
+                    cfg: StructuredConfig) -> None:
+    """Refuse a target the structures cannot reach even at their limits, saying what the least reachable is."""
+    reachable = sum(unit[n] * int(v.nonzero().max()) for n, v in valid.items())
+    least = 1.0 - reachable / total if total > 0 else 1.0
+    if cfg.target < least - 1e-9:
+        what = {"flops": "MACs", "params": "parameters",
+                "latency": f"measured latency at batch {cfg.latency_batch}"}[cfg.measure]
+        hint = (" (the rest is the embedding, norms, head and per-call overhead; a larger structured.latency_batch "
+                "leaves less of it)" if cfg.measure == "latency" else "")
+        raise BudgetError(f"structured.target={cfg.target} keeps less of the {what} than removable structures allow: "
+                          f"at structured.max_fraction={cfg.max_fraction} at least {least:.3f} stays{hint}; raise "
+                          "the target or max_fraction")
+
+
+def latency_units(table: LatencyTable) -> dict[str, float]:
+    """Seconds one group saves, with structures whose time did not fall with width at a floor of a millionth of
+    the largest saving: never chosen for a saving they do not give, but still a valid (positive) cost."""
+    floor = 1e-6 * max(table.per_group.values())
+    return {n: max(v, floor) for n, v in table.per_group.items()}
 
 
 def structure_curves(plan: StructuredPlan) -> dict[str, torch.Tensor]:
@@ -216,10 +249,15 @@ def prune_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: Structur
         if cfg.mode == "sequential" and counts[s.name]:    # re-calibrated on the pruned modules before it
             hessian = collect_hessians(run, {s.consumer: consumer})[s.consumer].hessian()
             order = removal_curve(flattened_weight(consumer), hessian, s, counts[s.name], cfg).order
-        records.append(_apply(model, s, consumer, hessian, order, plan.costs[s.name], cfg, allocation.chosen))
+        record = _apply(model, s, consumer, hessian, order, plan.costs[s.name], cfg, allocation.chosen)
+        if plan.latency is not None:
+            record.latency_per_group_us = 1e6 * plan.latency.per_group[s.name]
+        records.append(record)
     saved = sum(plan.unit[n] * k for n, k in counts.items())
+    what = {"flops": "MACs", "params": "parameters",
+            "latency": f"latency at batch {cfg.latency_batch} (predicted by the timed table)"}[cfg.measure]
     log.info("structured (%s, %s): kept %.1f%% of the %s", cfg.method, allocation.chosen,
-             100 * (1 - saved / plan.total), "MACs" if cfg.measure == "flops" else "parameters")
+             100 * (1 - saved / plan.total), what)
     return records
 
 

@@ -1,0 +1,138 @@
+"""A measured latency table: what removing one group of each structure saves in wall time, on this device, at a
+batch size, and the whole model's latency there, so a target ``keep 60 % of the latency`` becomes seconds to remove.
+
+MACs are a poor proxy for time on the small and medium layers that structured pruning leaves behind. On vit4mnist at
+batch 64 on one CPU thread an attention module takes 2.7× the time of the MLP beside it for about the same MACs:
+its softmax, reshapes and per-head matmuls cost time that MACs do not count, so the MAC unit under-prices heads.
+Every structure's module is therefore timed at several widths on the inputs it sees in the model (a copy shrunk
+with :func:`remove_groups`), and one group's saving is the least-squares slope of time against the number of groups.
+
+Timing is noisy where other work shares the machine. Each width is timed in several interleaved rounds and the
+fastest round kept (contention only ever adds time), and a structure whose time does not fall with its width saves
+nothing: the allocation then has no reason to cut it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from torch.utils.benchmark import Timer
+
+from cap_dist.models.structures import Structure, remove_groups
+
+log = logging.getLogger(__name__)
+
+WIDTH_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
+ROUNDS = 5
+MIN_RUN_TIME_S = 0.01
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """Seconds per forward pass of the whole model at ``batch``, and seconds one group of each structure adds."""
+
+    batch: int
+    model_seconds: float
+    per_group: dict[str, float]
+    points: dict[str, list[tuple[int, float]]]   # structure -> (groups kept, seconds) as measured
+
+
+def time_call(call: Callable[[], object], threads: int) -> float:
+    """Median seconds of ``call`` in blocks of runs (``torch.utils.benchmark``, which synchronises CUDA)."""
+    timer = Timer("call()", globals={"call": call}, num_threads=threads)
+    return float(timer.blocked_autorange(min_run_time=MIN_RUN_TIME_S).median)
+
+
+def fastest(calls: list[Callable[[], object]], threads: int, rounds: int = ROUNDS) -> list[float]:
+    """Each call's fastest median over ``rounds`` interleaved rounds (a burst of other work hits every call)."""
+    best = [float("inf")] * len(calls)
+    for _ in range(rounds):
+        for i, call in enumerate(calls):
+            best[i] = min(best[i], time_call(call, threads))
+    return best
+
+
+def slope_per_group(points: list[tuple[int, float]]) -> float:
+    """Seconds saved per removed group: the least-squares slope of time against groups kept, at least 0."""
+    if len(points) < 2:
+        raise ValueError("a slope needs at least two widths")
+    groups = torch.tensor([float(g) for g, _ in points], dtype=torch.float64)
+    seconds = torch.tensor([s for _, s in points], dtype=torch.float64)
+    centred = groups - groups.mean()
+    denom = float(centred.pow(2).sum())
+    if denom == 0:
+        raise ValueError("a slope needs at least two different widths")
+    return max(0.0, float((centred * (seconds - seconds.mean())).sum()) / denom)
+
+
+def batch_of(inputs: list[torch.Tensor], batch: int) -> torch.Tensor:
+    """``batch`` calibration images (repeated when there are fewer)."""
+    pool = torch.cat(inputs)
+    reps = -(-batch // pool.shape[0])
+    return pool.repeat(reps, *([1] * (pool.dim() - 1)))[:batch]
+
+
+def module_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, tuple[tuple, dict]]:
+    """The arguments (positional, keyword) each named module receives in one forward pass of ``x``."""
+    seen: dict[str, tuple[tuple, dict]] = {}
+
+    def keep(name: str, args: tuple, kwargs: dict) -> None:
+        seen.setdefault(name, (args, kwargs))
+
+    handles = [model.get_submodule(n).register_forward_hook(
+        lambda mod, args, kwargs, out, n=n: keep(n, args, kwargs), with_kwargs=True) for n in names]
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise ValueError(f"the forward pass never ran {missing[:3]}; exclude them from structured.structures")
+    return seen
+
+
+def shrunk_copies(module: nn.Module, structure: Structure) -> list[tuple[int, nn.Module]]:
+    """Copies of ``module`` keeping ``WIDTH_FRACTIONS`` of its groups (at least one each, distinct widths)."""
+    widths = sorted({max(1, round(f * structure.groups)) for f in WIDTH_FRACTIONS}, reverse=True)
+    copies = []
+    for kept in widths:
+        clone = copy.deepcopy(module)
+        if kept < structure.groups:
+            remove_groups(clone, replace(structure, name=""), torch.arange(kept, device="cpu"))
+        copies.append((kept, clone.eval()))
+    return copies
+
+
+def measure_latency(model: nn.Module, structures: list[Structure], inputs: list[torch.Tensor], batch: int,
+                    threads: int | None = None) -> LatencyTable:
+    """The latency table of ``model`` (eval mode, on its device) at ``batch`` calibration images."""
+    if batch < 1:
+        raise ValueError(f"latency batch={batch} must be >= 1")
+    threads = threads or torch.get_num_threads()
+    x = batch_of(inputs, batch)
+    seen = module_inputs(model, [s.name for s in structures], x)
+    with torch.inference_mode():
+        model_seconds = fastest([lambda: model(x)], threads)[0]
+        per_group, points = {}, {}
+        for s in structures:
+            args, kwargs = seen[s.name]
+            copies = shrunk_copies(model.get_submodule(s.name), s)
+            times = fastest([lambda m=m: m(*args, **kwargs) for _, m in copies], threads)
+            points[s.name] = [(kept, t) for (kept, _), t in zip(copies, times)]
+            per_group[s.name] = slope_per_group(points[s.name])
+            if times[-1] > times[0]:
+                log.warning("%s at %d of its %d groups took longer (%.3f ms) than whole (%.3f ms): other work on "
+                            "this machine is distorting the latency table (time it on a quiet machine, or use "
+                            "structured.measure: flops)", s.name, copies[-1][0], s.groups, 1e3 * times[-1],
+                            1e3 * times[0])
+    if not any(v > 0 for v in per_group.values()):
+        raise ValueError(f"no structure's time falls with its width at batch {batch} (timing noise or a model too "
+                         "small for this batch); use structured.measure: flops or a larger structured.latency_batch")
+    return LatencyTable(batch, model_seconds, per_group, points)
