@@ -43,8 +43,9 @@ RECIPES = {"vit4mnist": "jobs/vit4mnist.yaml", "effnet_lite0": "jobs/effnet_lite
 
 
 def run(model_name: str, cases: list[str], results: list[dict], methods: list[str], ablation: list[str],
-        independent: bool = True) -> None:
-    base = load_recipe(str(ROOT / RECIPES[model_name]))
+        independent: bool = True, overrides: list[str] | None = None) -> None:
+    overrides = overrides or []
+    base = load_recipe(str(ROOT / RECIPES[model_name]), overrides)
     dense, spec = load_model(base.model.source)
     calib = draw_batches(base.calibration, spec, purpose="calibration")
     evaluation = draw_batches(base.evaluation, spec, purpose="evaluation")
@@ -57,7 +58,7 @@ def run(model_name: str, cases: list[str], results: list[dict], methods: list[st
         runs += [(label, "cap", "sequential", extra) for label, extra in ABLATION.items() if label in ablation]
         for label, method, mode, extra in runs:
             recipe = load_recipe(str(ROOT / RECIPES[model_name]),
-                                 CASES[case] + [f"prune.method={method}", f"prune.mode={mode}"] + extra)
+                                 overrides + CASES[case] + [f"prune.method={method}", f"prune.mode={mode}"] + extra)
             model = copy.deepcopy(dense)
             start = time.perf_counter()
             records, _ = prune_model(recipe, model, calib, select_layers(model, recipe.model))
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also cap with its steps switched off one by one (all, or the variants named)")
     parser.add_argument("--no-independent", action="store_true", help="skip `cap` in independent mode")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "oneshot.json")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides for every run (e.g. calibration.samples=500)")
     args = parser.parse_args(argv)
     if not (ROOT.parent / "shared").is_dir():
         print(f"this benchmark needs the shared models and data at {ROOT.parent / 'shared'}")
@@ -99,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for name in args.models:
         ablation = [] if args.ablation is None else (args.ablation or list(ABLATION))
-        run(name, args.cases, results, args.methods, ablation, independent=not args.no_independent)
+        run(name, args.cases, results, args.methods, ablation, independent=not args.no_independent,
+            overrides=args.set)
     text = table(results)
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

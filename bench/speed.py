@@ -165,7 +165,8 @@ def kept_by_kind(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def real_case(name: str, case: dict[str, Any], out: Path, quick: bool, reps: int, threads: int,
-              recover: bool, work: Path, epochs: int | None = None) -> dict[str, Any]:
+              recover: bool, work: Path, epochs: int | None = None,
+              methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
     recipe_path = str(ROOT / case["recipe"])
     epochs = epochs or (case["quick_epochs"] if quick else case["epochs"])
     source = f"model.source={ROOT.parent / 'shared' / 'models' / case['model']}"   # absolute: outputs load anywhere
@@ -177,7 +178,7 @@ def real_case(name: str, case: dict[str, Any], out: Path, quick: bool, reps: int
     dense_macs = macs_of(dense, image)
     dense_top1 = evaluate_model(dense, evaluation)["top1"]
     oneshot = {}
-    for method in METHODS:
+    for method in methods:
         r = load_recipe(recipe_path, case["finetune"](epochs) + [source, f"output={work}/{name}-{method}"]
                         + structured_overrides(case, method))
         start = time.perf_counter()
@@ -270,7 +271,8 @@ def table(results: list[dict[str, Any]]) -> str:
         rec = res.get("recovered")
         recovered = f"{rec['top1']:.4f} ({rec['relative_drop']:+.2%})" if rec is not None else "–"
         acc.append(f"| {res['case']} | {res['dense_top1']:.4f} | "
-                   + " | ".join(f"{o[m]['top1']:.4f} (MACs {o[m]['macs_kept']:.2f})" for m in METHODS)
+                   + " | ".join(f"{o[m]['top1']:.4f} (MACs {o[m]['macs_kept']:.2f})" if m in o else "–"
+                                for m in METHODS)
                    + f" | {recovered} |")
     return "\n".join(lines + acc)
 
@@ -288,10 +290,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes to time (default: per case)")
     parser.add_argument("--target", type=float, default=None, help="structured.target of the real cases "
                                                                    "(default: per case)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated structured methods to compare, of {', '.join(METHODS)} (cap first)")
     parser.add_argument("--measure", choices=("flops", "params", "latency"), default=None,
                         help="structured.measure of the real cases (default: per case)")
     args = parser.parse_args(argv)
     cases = ["vit4mnist"] if args.quick else [c.strip() for c in args.cases.split(",")]
+    methods = tuple(m.strip() for m in args.methods.split(","))
+    if not methods or methods[0] != "cap" or set(methods) - set(METHODS):
+        print(f"--methods must start with cap and name only {', '.join(METHODS)}", file=sys.stderr)
+        return 2
     unknown = set(cases) - set(CASES)
     if unknown:
         print(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(CASES)}", file=sys.stderr)
@@ -318,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(shape_case(name, case, args.reps, args.threads, work))
             else:
                 results.append(real_case(name, case, out, args.quick, args.reps, args.threads, recover, work,
-                                         args.epochs))
+                                         args.epochs, methods))
     print(table(results))
     meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "threads": args.threads, "command": " ".join(sys.argv), "quick": args.quick, "results": results}

@@ -33,6 +33,7 @@ from cap_dist.config import Recipe
 from cap_dist.finetune.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from cap_dist.finetune.losses import NoLabelsError, combined_loss
 from cap_dist.finetune.masks import MaskedParameters, local_masks, pruned_layer_names
+from cap_dist.models.kind import model_kind
 from cap_dist.finetune.schedule import linear_schedule
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,6 @@ class Worker:
 
 # ----------------------------------------------------------------------------------------------------
 # Models
-
-
-def model_kind(model: nn.Module) -> str:
-    """``"encoder"`` for a timm model built without a head (``num_classes=0``: its output is the pooled
-    embedding), else ``"classifier"`` (its output are logits)."""
-    return "encoder" if getattr(model, "num_classes", None) == 0 else "classifier"
 
 
 def load_student(uri: str, manifest: dict[str, Any], worker: Worker, ft: Any, load: str = "sharded") -> nn.Module:

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cap_dist.config import StructuredConfig
-from cap_dist.finetune.loop import model_kind
+from cap_dist.models.kind import model_kind
 from cap_dist.models.capture import collect_hessians, flattened_weight, set_flattened_weight
 from cap_dist.models.structures import Structure, find_structures, remove_groups
 from cap_dist.solvers.numerics import layer_energy

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cap_dist.models.capture import flattened_weight, set_flattened_weight
+from cap_dist.models.kind import ModelKind
 
-OutputKind = Literal["classifier", "encoder"]
+OutputKind = ModelKind
 
 
 def output_error(out: torch.Tensor, dense: torch.Tensor, kind: OutputKind) -> float:

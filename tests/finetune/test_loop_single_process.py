@@ -13,7 +13,8 @@ import torch.distributed as dist
 from cap_dist.eval import evaluate_model
 from cap_dist.finetune.checkpoint import TrainState
 from cap_dist.config import FinetuneConfig
-from cap_dist.finetune.loop import Worker, build_optimizer, evaluate_sharded, model_kind, shard_model, train_epoch
+from cap_dist.finetune.loop import Worker, build_optimizer, evaluate_sharded, shard_model, train_epoch
+from cap_dist.models.kind import model_kind
 from cap_dist.finetune.masks import masks_from_model, shard_masks
 from cap_dist.finetune.schedule import linear_schedule
 
