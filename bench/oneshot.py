@@ -4,8 +4,8 @@
     python bench/oneshot.py --models vit4mnist --cases 50%
 
 Sequential mode for every method; `cap` also in independent mode.  Recipes: jobs/vit4mnist.yaml
-(calibrate on MNIST test 0..511, evaluate on 512..9,999) and jobs/effnet_lite0.yaml (256 calibration
-images from the first half of the ImageNet samples, evaluated on the second half).
+(calibrate on MNIST test 0..511, evaluate on 512..9,999) and jobs/effnet_lite0.yaml (the first half of
+the ImageNet samples, 500 images, calibrate; the second half evaluates).
 """
 
 from __future__ import annotations
