@@ -113,8 +113,8 @@ class PruneConfig(_Strict):
     admm_iterations: int | None = Field(None, ge=0, description=(
         "at most this many ADMM iterations on the mask after the method (ALPS's mechanism, warm-started from its "
         "solution; stops early once the mask stops moving, typically after 40-90), then resolve. 0: off. null: "
-        f"{DEFAULT_CAP_ADMM} for cap, 0 for the baselines. Costs an eigendecomposition of H and two "
-        "rows·in² products per iteration. Activation curvature only"))
+        f"{DEFAULT_CAP_ADMM} for cap, 0 for the baselines. Costs about one rows·in² product per "
+        "iteration and a Cholesky factor of H every third. Activation curvature only"))
     batchnorm: Literal["reestimate", "keep"] = Field("keep", description=(
         "reestimate: after pruning, recompute the BatchNorm layers' running statistics on the calibration images "
         "(one pass, as OBC does). keep (default): leave the dense model's. Measured on EfficientNet-Lite0 at 50 % "

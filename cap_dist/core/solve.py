@@ -104,7 +104,7 @@ def estimated_solve_flops(module: nn.Module, cfg: "PruneConfig") -> float:
     block = min(cfg.cap_block or columns, columns)
     flops = float(rows * columns * block ** 2)
     polish = cfg.polish
-    if polish["admm"]:              # eigendecomposition + the iterations where the early stop typically ends
+    if polish["admm"]:              # the iterations where the early stop typically ends
         flops += admm_flops(rows, columns, min(polish["admm"], ADMM_TYPICAL_ITERATIONS))
     if polish["resolve"]:
         flops += resolve_flops(rows, columns)

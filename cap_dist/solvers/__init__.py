@@ -106,9 +106,10 @@ def prune_layer(weight: torch.Tensor, hessian: torch.Tensor, *, method: str, spa
         refine_block: columns per refinement block (default ``min(in, 256)``; a multiple of M for N:M).
         admm: at most this many ADMM iterations on the mask after the method and ``refine`` (0 = off),
             warm-started from their solution and its exact dual — the mechanism of ALPS (Meng et al. 2024),
-            which moves masks across the whole layer, not block by block.  Costs an eigendecomposition of
-            H and two [rows, in]·[in, in] products per iteration.  Use with ``resolve``.  The layer's exact
-            count, N:M groups and ``prior_mask`` are kept.  Activation curvature only.
+            which moves masks across the whole layer, not block by block.  Costs about one [rows, in]·[in, in]
+            product per iteration and a Cholesky factor of the in×in curvature every third.  Use with
+            ``resolve``.  The layer's exact count, N:M groups and ``prior_mask`` are kept.  Activation
+            curvature only.
         admm_rho: ADMM's starting penalty on the unit-diagonal scaled curvature (smaller moves more of the
             mask; it grows while the mask moves).
         resolve: after the method (and refinement), re-solve every row's kept weights exactly for the
@@ -175,7 +176,11 @@ def prune_layer(weight: torch.Tensor, hessian: torch.Tensor, *, method: str, spa
     pruned = out["weight"].to(weight.dtype)
     exact = torch.float64 if weight.dtype == torch.float64 else torch.float32
     h = hessian.to(exact)
-    loss = quadratic_loss(pruned.to(exact) - weight.to(exact), h)
+    polished = "resolve_loss" in out["info"] and not out["info"].get("polish_reverted")
+    if polished and out["weight"].dtype == weight.dtype:     # the re-solve's own loss of these very weights,
+        loss = out["info"]["resolve_loss"]                   # in float64 on the undamped H: no product again
+    else:
+        loss = quadratic_loss(pruned.to(exact) - weight.to(exact), h)
     energy = layer_energy(weight.to(exact), h)
     curve = out["curve"].curve(energy) if out["curve"] is not None else None
     info = dict(out["info"], method=method, pattern=str(pat), seconds=seconds,
@@ -213,8 +218,9 @@ def _polish(out: dict, weight: torch.Tensor, hessian: torch.Tensor, pat: Pattern
         rows_loss = extra.pop("row_objective")
         if alternative is not None:            # ADMM ended flipping between two supports: the re-solved decide
             other_keep, other_start = alternative       # rows the supports share re-solve to the same weights:
-            differ = (other_keep != keep).any(1)          # only the few rows that differ are solved again
-            part_w, other_extra = resolve_weights(weight[differ], other_start[differ], other_keep[differ], hessian,
+            differ = (other_keep != keep).any(1)          # only the few rows that differ are solved again, from
+            start = torch.where(keep[differ], w[differ], other_start[differ])   # the re-solved weights they share
+            part_w, other_extra = resolve_weights(weight[differ], start, other_keep[differ], hessian,
                                                   damp=damp, damp_mode=damp_mode)
             other_w, other_rows = w.clone(), rows_loss.clone()
             other_w[differ], other_rows[differ] = part_w, other_extra.pop("row_objective")

@@ -15,12 +15,21 @@ DAMP_MODES = ("relative", "mean")
 """``relative``: cap-dist's per-input damping (the default); ``mean``: upstream SparseGPT's λ = damp·mean(diag H)."""
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in ``tensor``: its minimum and maximum (which propagate NaN) are finite.  Two reductions
+    instead of a boolean tensor as large as the input and its reduction (~20× faster on an [in, in] Hessian)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def check_weight_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> None:
     """Shapes agree and the curvature is finite; errors name the problem."""
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D [out, in] (flatten Conv2d weights to [out, in*kh*kw]), "
                          f"got shape {tuple(weight.shape)}")
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         raise ValueError("weight contains NaN or Inf")
     rows, cols = weight.shape
     if hessian.ndim == 2:
@@ -34,7 +43,7 @@ def check_weight_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> None:
                              f"weights of a {tuple(weight.shape)} layer: expected [numel/B, B, B]")
     else:
         raise ValueError(f"hessian must be [in, in] or Fisher blocks [numel/B, B, B], got {tuple(hessian.shape)}")
-    if not torch.isfinite(hessian).all():
+    if not all_finite(hessian):
         raise ValueError("hessian contains NaN or Inf: the calibration activations or gradients overflowed; "
                          "accumulate in float64 or check the inputs")
 
@@ -130,6 +139,39 @@ def inverse_factor(hessian: torch.Tensor, damp: float, work_dtype: torch.dtype,
     u = upper_cholesky(fac.inverse)
     fac.inverse = None
     return u, fac
+
+
+CHOLESKY_BLOCK = 256
+"""Columns per block of :func:`blocked_cholesky`."""
+CHOLESKY_BLOCKED_FROM = 2048
+"""Matrices from this many columns are factored by blocks (:func:`blocked_cholesky`), smaller ones by LAPACK."""
+
+
+def blocked_cholesky(matrix: torch.Tensor, block: int = CHOLESKY_BLOCK) -> tuple[torch.Tensor, int]:
+    """Lower Cholesky factor L (LLᵀ = ``matrix``) and an info code as ``torch.linalg.cholesky_ex``'s (0: done;
+    k > 0: the leading minor of order k is not positive definite, L is then incomplete).
+
+    Left-looking by blocks of columns: each diagonal block is updated by one product with the columns already
+    factored and factored itself, then the block's column below it is updated by one product and a triangular
+    solve.  Nearly all the work is in [n, k]·[k, block] products, which run at the speed of a matrix product;
+    one thread on the 3072×3072 curvature of bench/peers.py's wide layer: 0.17 s against 0.22 s for LAPACK's
+    factorization (MKL), which ADMM calls once per penalty, ten times a layer there."""
+    n = matrix.shape[-1]
+    if n < CHOLESKY_BLOCKED_FROM or matrix.ndim != 2:      # LAPACK's is as fast or faster on smaller ones
+        return torch.linalg.cholesky_ex(matrix)
+    factor = torch.zeros_like(matrix)
+    for k0 in range(0, n, block):
+        k1 = min(k0 + block, n)
+        done = factor[k0:, :k0]                                           # rows k0.. of the factored columns
+        diagonal = matrix[k0:k1, k0:k1] - done[:k1 - k0] @ done[:k1 - k0].T if k0 else matrix[k0:k1, k0:k1]
+        l_kk, info = torch.linalg.cholesky_ex(diagonal)
+        if int(info):
+            return factor, k0 + int(info)
+        factor[k0:k1, k0:k1] = l_kk
+        if k1 < n:
+            below = matrix[k1:, k0:k1] - done[k1 - k0:] @ done[:k1 - k0].T if k0 else matrix[k1:, k0:k1]
+            factor[k1:, k0:k1] = torch.linalg.solve_triangular(l_kk.mT, below, upper=True, left=False)
+    return factor, 0
 
 
 def upper_cholesky(matrix: torch.Tensor) -> torch.Tensor:

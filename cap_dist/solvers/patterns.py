@@ -83,10 +83,30 @@ def lowest_k_per_row_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
+N_M_RANK_GROUPS = 4096
+"""From this many groups (with M ≤ N_M_RANK_MAX_M), :func:`n_m_mask` ranks by comparisons instead of a top-k."""
+N_M_RANK_MAX_M = 8
+
+
 def n_m_mask(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-    """Keep-mask removing the ``M − N`` lowest scores of every group of ``M`` consecutive columns."""
+    """Keep-mask removing the ``M − N`` lowest scores of every group of ``M`` consecutive columns.
+
+    On many groups with a small M (ADMM's projection of a whole layer), every score's rank in its group is
+    counted by M(M − 1) elementwise comparisons of columns, ties going to the earlier column: ~3× faster than a
+    top-k over groups of 4 (768×3072, one thread).  Few groups (a column sweep's), a larger M or NaN scores
+    take the top-k."""
     rows, cols = scores.shape
     groups = scores.reshape(rows, cols // pattern.m, pattern.m)
+    if pattern.m <= N_M_RANK_MAX_M and rows * (cols // pattern.m) >= N_M_RANK_GROUPS:
+        _, high = torch.aminmax(scores)                   # NaN propagates: ranks need a total order
+        if not bool(torch.isnan(high)):
+            flat = groups.reshape(-1, pattern.m)
+            rank = torch.zeros(flat.shape, dtype=torch.uint8, device=scores.device)
+            for i in range(pattern.m):
+                for j in range(pattern.m):
+                    if j != i:                            # j counts below i if lower, or equal and earlier
+                        rank[:, i] += flat[:, j] <= flat[:, i] if j < i else flat[:, j] < flat[:, i]
+            return (rank >= pattern.n_prune).reshape(rows, cols)
     keep = torch.ones_like(groups, dtype=torch.bool)
     keep.scatter_(2, torch.topk(groups, pattern.n_prune, dim=2, largest=False, sorted=False).indices, False)
     return keep.reshape(rows, cols)

@@ -31,8 +31,8 @@ import time
 
 import torch
 
-from cap_dist.solvers.numerics import damped
-from cap_dist.solvers.patterns import Pattern, allocate_rows, lowest_k_mask, n_m_mask, removal_order
+from cap_dist.solvers.numerics import blocked_cholesky, damped
+from cap_dist.solvers.patterns import Pattern, allocate_rows, n_m_mask, removal_order
 
 RESOLVE_TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 """A row's conjugate gradients stop when a step lowers its objective by less than this fraction (or its
@@ -92,26 +92,32 @@ def resolve_weights(dense: torch.Tensor, start: torch.Tensor, keep: torch.Tensor
     rz = (r * z).sum(1)
     bnorm = ((w @ hs) * m).norm(dim=1).clamp_min(tiny)
     active = torch.nonzero((r.norm(dim=1) > tol * bnorm) & (f > 0)).flatten()
+    # The iterations work on the active rows only, gathered once and compacted when rows stop (not gathered
+    # and scattered back every step: on the 768×3072 bench layer that copying cost ~8 % of the step).
+    xa, ra, pa, ma = x[active], r[active], p[active], m[active]
+    rza, fa, ba = rz[active], f[active], bnorm[active]
     iters = 0
     while active.numel() and iters < max_iter:
         iters += 1
-        pa = p[active]
-        ap = (pa @ hs) * m[active]
+        ap = (pa @ hs).mul_(ma)
         pap = (pa * ap).sum(1)
-        rza = rz[active]
         alpha = torch.where(pap > 0, rza / pap.clamp_min(tiny), torch.zeros_like(pap))
-        x[active] += alpha.unsqueeze(1) * pa
-        ra = r[active] - alpha.unsqueeze(1) * ap
-        r[active] = ra
+        xa += alpha.unsqueeze(1) * pa
+        ra -= alpha.unsqueeze(1) * ap
         decrease = alpha * rza                                             # exact fall of (1) this step
-        f[active] -= decrease
+        fa -= decrease
         za = ra * dinv
         rz_new = (ra * za).sum(1)
         beta = torch.where(rza > 0, rz_new / rza.clamp_min(tiny), torch.zeros_like(rz_new))
-        p[active] = za + beta.unsqueeze(1) * pa
-        rz[active] = rz_new
-        still = (ra.norm(dim=1) > tol * bnorm[active]) & (decrease > tol * f[active]) & (pap > 0)
-        active = active[still]
+        pa = za + beta.unsqueeze(1) * pa
+        rza = rz_new
+        still = (ra.norm(dim=1) > tol * ba) & (decrease > tol * fa) & (pap > 0)
+        if not bool(still.all()):
+            done = ~still
+            x[active[done]] = xa[done]
+            active = active[still]
+            xa, ra, pa, ma, rza, fa, ba = (t[still] for t in (xa, ra, pa, ma, rza, fa, ba))
+    x[active] = xa
     h = hessian.to(torch.float64)
     w64, x64, s64 = dense.double(), x.to(start.dtype).double(), start.double() * keep   # as returned
     f_new, f_start = row_objective(w64, x64, h), row_objective(w64, s64, h)
@@ -262,18 +268,25 @@ ADMM_FAST_WORK = 2e9
 """rows·in² at or above which a layer gets the faster growth: one iteration then costs about as much as the
 whole blocked greedy (4·rows·in² against rows·in·128² flops at in ≥ 2048) — ViT-B's fc2 (7e9), ViT-g's layers
 (6e10)."""
+FLIP_SPARSE_FRACTION = 64
+"""flip_order takes a sparse product when at most 1/this of the entries differ between the two supports."""
 ADMM_STOP = 3e-4
 """ADMM stops once fewer than this fraction of the pruned weights moved over the last ADMM_UPDATE_EVERY
 iterations."""
-THRESHOLD_BANDS = (1.05, 1.5)
-"""The unstructured projection first looks for the new threshold within these factors of the last one (the
-support moves little between iterations): a few passes instead of a selection over the whole layer."""
+THRESHOLD_SAMPLE = 1 << 15
+"""Scores in the evenly strided sample from which the unstructured projection brackets its threshold."""
+THRESHOLD_SIGMAS = 5.0
+"""Half-width of that bracket in binomial standard deviations of the sample rank (a miss costs one full
+selection, not a wrong mask)."""
 
 
 def admm_uses_explicit_inverse(rows: int, cols: int) -> bool:
     """Whether ADMM's linear step multiplies by an explicit (Hₙ + ρI)⁻¹ (one [rows, in]·[in, in] product per
-    iteration, plus an in³ rebuild whenever ρ changes, every ADMM_UPDATE_EVERY iterations) rather than going
-    through the eigenbasis (two products per iteration): cheaper when in < ADMM_UPDATE_EVERY·rows."""
+    iteration, plus a Cholesky factor and its inverse, ~in³, whenever ρ changes, every ADMM_UPDATE_EVERY
+    iterations) rather than two triangular solves with the Cholesky factor (as many flops as that product, plus
+    the factor, in³/3, when ρ changes).  The solves save the inverse, but one product runs faster than two
+    solves on a narrow layer: measured (one thread) on EfficientNet-Lite0, the explicit inverse is faster on
+    conv_head (1280×320) and conv_pw (1152×192), the solves on conv_pwl (192×672) and the 768×3072 layer."""
     return cols < ADMM_UPDATE_EVERY * rows
 
 
@@ -284,13 +297,11 @@ def admm_growth(rows: int, cols: int) -> tuple[float, float, float]:
 
 
 def admm_flops(rows: int, cols: int, iterations: int) -> float:
-    """What ``iterations`` of :func:`admm_masks` cost: the eigendecomposition (~9·in³) and the products."""
+    """What ``iterations`` of :func:`admm_masks` cost: per iteration one product's worth of flops (a product, or
+    two triangular solves) and, every ADMM_UPDATE_EVERY iterations, a new Cholesky factor (and its inverse)."""
     product = 2.0 * rows * cols * cols
-    if admm_uses_explicit_inverse(rows, cols):
-        per_iteration = product + 2.0 * cols ** 3 / ADMM_UPDATE_EVERY
-    else:
-        per_iteration = 2.0 * product
-    return 9.0 * cols ** 3 + iterations * per_iteration
+    rebuild = cols ** 3 if admm_uses_explicit_inverse(rows, cols) else cols ** 3 / 3.0
+    return iterations * (product + rebuild / ADMM_UPDATE_EVERY) + rebuild
 
 
 def resolve_flops(rows: int, cols: int, iterations: int = RESOLVE_TYPICAL_ITERATIONS) -> float:
@@ -299,32 +310,64 @@ def resolve_flops(rows: int, cols: int, iterations: int = RESOLVE_TYPICAL_ITERAT
     return (iterations + 4) * 2.0 * rows * cols * cols
 
 
-def threshold_keep(scores: torch.Tensor, count: int, last: float | None) -> tuple[torch.Tensor, float | None]:
+def threshold_keep(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, float | None]:
     """Keep-mask removing exactly the ``count`` lowest ``scores`` (as ``lowest_k_mask``), and the threshold.
 
-    The threshold is searched first in narrow bands around ``last`` (THRESHOLD_BANDS; a few passes over the
-    layer and a selection among the few scores inside), else over the whole layer; where ties at the
-    threshold would remove more than ``count``, a full selection decides."""
+    The threshold is looked for in a narrow band of scores first: the band between two quantiles of an evenly
+    strided sample of THRESHOLD_SAMPLE scores, wide enough (THRESHOLD_SIGMAS binomial deviations of the
+    sample's rank) to hold the count-th lowest score almost surely, so one selection among ~2 % of the
+    scores and a few passes over the layer replace a selection over all of it; a band that misses falls back
+    to the whole layer.  Scores tied at the threshold are removed in index order up to ``count``."""
     flat = scores.reshape(-1)
+    n = flat.numel()
     if count <= 0:
         return torch.ones_like(scores, dtype=torch.bool), None
+    if count >= n:
+        return torch.zeros_like(scores, dtype=torch.bool), None
     thr = None
-    if last is not None and last > 0:
-        for factor in THRESHOLD_BANDS:
-            lo, hi = last / factor, last * factor
-            below = int(torch.count_nonzero(flat < lo))
-            if below >= count:
-                continue
-            band = flat[(flat >= lo) & (flat <= hi)]
+    step = n // THRESHOLD_SAMPLE
+    if step >= 4:
+        sample = flat[::step]
+        m = sample.numel()
+        centre = count / n * m
+        margin = THRESHOLD_SIGMAS * math.sqrt(centre * (1.0 - count / n)) + 2.0
+        k_lo, k_hi = math.floor(centre - margin), math.ceil(centre + margin)
+        lo = torch.kthvalue(sample, k_lo).values if k_lo >= 1 else None
+        hi = torch.kthvalue(sample, k_hi).values if k_hi <= m else None
+        below = int(torch.count_nonzero(flat < lo)) if lo is not None else 0
+        if below < count:
+            inside = flat >= lo if lo is not None else torch.ones_like(flat, dtype=torch.bool)
+            if hi is not None:
+                inside &= flat <= hi
+            band = flat[inside]
             if below + band.numel() >= count:
                 thr = torch.kthvalue(band, count - below).values
-                break
     if thr is None:
         thr = torch.kthvalue(flat, count).values
-    keep = flat > thr
-    if flat.numel() - int(torch.count_nonzero(keep)) != count:             # ties at the threshold
-        return lowest_k_mask(scores, count), None
+    keep = (flat <= thr).logical_not_()                                    # NaN is kept, as by lowest_k_mask
+    extra = n - int(torch.count_nonzero(keep)) - count
+    if extra:                                                              # ties at the threshold
+        tied = torch.nonzero(flat == thr).flatten()
+        keep[tied[tied.numel() - extra:]] = True
     return keep.reshape(scores.shape), float(thr)
+
+
+def flip_order(w0: torch.Tensor, b: torch.Tensor, hn: torch.Tensor, first: torch.Tensor,
+               second: torch.Tensor) -> bool:
+    """Whether B restricted to ``first`` has an objective ‖w₀ − B·K‖²_Hₙ at most that of B restricted to
+    ``second``.
+
+    With e = w₀ − B·K₁ and δ = B·(K₁ − K₂), the second objective is the first plus (2e + δ)·(δHₙ): the
+    difference is computed directly, and δ is nonzero only where the supports differ (usually a few entries
+    per row), so δHₙ costs a sparse product instead of two dense [rows, in]·[in, in] ones."""
+    delta = b * (first.to(b.dtype) - second.to(b.dtype))
+    nonzero = int(torch.count_nonzero(delta))
+    if nonzero * FLIP_SPARSE_FRACTION <= delta.numel():
+        dh = torch.sparse.mm(delta.to_sparse(), hn)
+    else:
+        dh = delta @ hn
+    e = w0 - b * first
+    return float((dh * e.mul_(2.0).add_(delta)).sum()) >= 0.0
 
 
 def admm_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor,
@@ -336,16 +379,19 @@ def admm_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, he
     In coordinates scaled to a unit-diagonal curvature (B = W·S, Hₙ = S⁻¹HₛS⁻¹, S = √diag Hₛ, so a
     weight's size is its output contribution), ADMM splits min ‖(W − B)‖²_Hₙ s.t. D sparse, B = D:
         B ← (Hₙ b₀ − V + ρD)(Hₙ + ρI)⁻¹,   Z = B + V/ρ,   D ← Π_sparse(Z),   V ← ρ(Z − D)
-    (the last is V + ρ(B − D) written out), with ρ raised while the support moves (ALPS's schedule; slower
-    where a layer's iterations are cheap, faster where they are expensive: :func:`admm_growth`).  The linear step goes through one
-    eigendecomposition of Hₙ: by an explicit inverse rebuilt when ρ changes on layers with few inputs per
-    output, through the eigenbasis otherwise (:func:`admm_uses_explicit_inverse`).  The start is the given
-    solution and its exact dual (D = B = ŵ, V = −Hₙ(ŵ − w)), a fixed point for large ρ, so ADMM only leaves
-    it where a pruned weight's gradient is large against ρ.  ``inverse`` forces either linear step (both are
-    the same arithmetic up to rounding).  If the support still flips between two sets when ADMM stops, the
-    one with the lower objective for B restricted to it is returned, and the other (mask, weights) is in
-    ``info["admm_alternative"]``: B restricted to a support is not its optimum, so a caller that re-solves
-    should re-solve both and keep the lower (a projection's objective can rank them the wrong way round).  Returns weights (B projected on the final
+    (the last is V + ρ(B − D) written out; B is computed as b₀ + ρ(D − V/ρ − b₀)(Hₙ + ρI)⁻¹, as
+    Hₙ(Hₙ + ρI)⁻¹ = I − ρ(Hₙ + ρI)⁻¹, with the scaled dual V/ρ: no product with Hₙ per iteration), with ρ
+    raised while the support moves (ALPS's schedule; slower where a layer's iterations are cheap, faster
+    where they are expensive: :func:`admm_growth`).  The linear step uses the Cholesky factor of Hₙ + ρI,
+    computed again only when ρ changes: two triangular solves, or on layers with few inputs per output an
+    explicit inverse from that factor (:func:`admm_uses_explicit_inverse`); no eigendecomposition (in float32
+    on the 768×3072 bench layer it cost as much as ~10 iterations).  The start is the given solution and its exact dual (D = B = ŵ, V = −Hₙ(ŵ − w)), a fixed point for large ρ, so ADMM
+    only leaves it where a pruned weight's gradient is large against ρ.  ``inverse`` (``explicit``,
+    ``cholesky``) forces either linear step (both are the same arithmetic up to rounding).  If the support still
+    flips between two sets when ADMM stops, the one with the lower objective for B restricted to it is returned
+    (:func:`flip_order`), and the other (mask, weights) is in ``info["admm_alternative"]``: B restricted to a
+    support is not its optimum, so a caller that re-solves should re-solve both and keep the lower (a
+    projection's objective can rank them the wrong way round).  Returns weights (B projected on the final
     support, to be re-solved), the keep-mask (the layer's exact count, N:M groups, prior zeros kept) and info.
     """
     t0 = time.perf_counter()
@@ -354,57 +400,65 @@ def admm_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, he
     hs = damped_curvature(hessian, damp, damp_mode, work)
     s = torch.diagonal(hs).clamp_min(torch.finfo(work).tiny).sqrt()
     hn = hs / s.unsqueeze(0) / s.unsqueeze(1)
-    lam, q = torch.linalg.eigh(hn)          # in the working precision: Hₙ + ρI (ρ ≥ ADMM_RHO) is well conditioned
-    if inverse not in ("auto", "explicit", "eigen"):
-        raise ValueError(f"inverse={inverse!r} must be 'auto', 'explicit' or 'eigen'")
-    explicit = admm_uses_explicit_inverse(rows, cols) if inverse == "auto" else inverse == "explicit"
+    if inverse not in ("auto", "explicit", "cholesky"):
+        raise ValueError(f"inverse={inverse!r} must be 'auto', 'explicit' or 'cholesky'")
+    mode = ("explicit" if admm_uses_explicit_inverse(rows, cols) else "cholesky") if inverse == "auto" else inverse
 
     w0 = dense.to(work) * s
-    target = w0 @ hn                                                        # Hₙ b₀ (rows are b₀ᵀ)
     d = weight.to(work) * keep * s
-    v = target - d @ hn                                                     # −gradient: the exact dual
+    u = ((w0 - d) @ hn).div_(rho)                                # the exact dual V = Hₙ(w₀ − ŵ), as U = V/ρ
     count = int((~keep).sum())
     mask = keep.clone()
-    inverse_rho, inverse = None, None
+    factor_rho, factor = None, None
 
-    def solve(rhs: torch.Tensor, r: float) -> torch.Tensor:
-        nonlocal inverse_rho, inverse
-        if not explicit:
-            return ((rhs @ q) / (lam + r)) @ q.T
-        if inverse_rho != r:
-            inverse, inverse_rho = (q / (lam + r)) @ q.T, r
-        return rhs @ inverse
+    def solve(rhs: torch.Tensor, r: float) -> torch.Tensor:          # rhs (Hₙ + rI)⁻¹
+        nonlocal factor_rho, factor
+        if factor_rho != r:                                  # Hₙ + rI = LLᵀ (or its inverse), once per ρ
+            shifted = hn.clone()
+            shifted.diagonal().add_(r)
+            factor, info = blocked_cholesky(shifted)
+            if info:
+                raise ValueError(f"ADMM: the scaled curvature plus {r:g}·I is not positive definite (leading minor "
+                                 f"{info}): the Hessian is not positive semidefinite; check the calibration data")
+            factor_rho = r
+            if mode == "explicit":
+                factor = torch.cholesky_inverse(factor)
+        if mode == "explicit":
+            return rhs @ factor
+        x = torch.linalg.solve_triangular(factor.mT, rhs, upper=True, left=False)
+        return torch.linalg.solve_triangular(factor, x, upper=False, left=False)
 
     growth = admm_growth(rows, cols)
     b = d
-    thr = None
     new_mask = last_mask = keep
     it = -1
     for it in range(iterations):
         last_mask = new_mask
-        b = solve(torch.add(target - v, d, alpha=rho), rho)
-        z = b.add(v, alpha=1.0 / rho)
+        b = torch.add(w0, solve(d.sub(u).sub_(w0), rho), alpha=rho)     # (Hₙw₀ − V + ρD)(Hₙ + ρI)⁻¹
+        z = b.add(u)
         scores = z.square()
         if prior is not None:
             scores.masked_fill_(prior, -math.inf)
         if pattern.structured:
             new_mask = n_m_mask(scores, pattern)
         else:
-            new_mask, thr = threshold_keep(scores, count, thr)
+            new_mask, _ = threshold_keep(scores, count)
         d = z * new_mask
-        v = (z - d).mul_(rho)
+        u = z - d                                                          # V/ρ = Z − D
         if (it + 1) % ADMM_UPDATE_EVERY == 0:
             change = int(torch.count_nonzero(new_mask != mask)) / max(1, 2 * count)
-            rho *= growth[0] if change > 0.1 else growth[1] if change > 0.005 else growth[2]
+            grow = growth[0] if change > 0.1 else growth[1] if change > 0.005 else growth[2]
+            rho *= grow
+            u.div_(grow)                                          # V is kept; U = V/ρ follows ρ
             mask = new_mask
             if change < ADMM_STOP and it >= 2 * ADMM_UPDATE_EVERY:
                 break
     mask, other = new_mask, None
     if not torch.equal(last_mask, new_mask):          # the support flips between two sets: keep the better
-        objective = {id(m): float(((w0 - b * m) @ hn * (w0 - b * m)).sum()) for m in (new_mask, last_mask)}
-        mask, other = sorted((new_mask, last_mask), key=lambda m: objective[id(m)])
+        first = flip_order(w0, b, hn, new_mask, last_mask)
+        mask, other = (new_mask, last_mask) if first else (last_mask, new_mask)
     out = (b * mask / s).to(weight.dtype)
-    info = dict(admm_iterations=it + 1, admm_rho=rho, admm_inverse="explicit" if explicit else "eigen",
+    info = dict(admm_iterations=it + 1, admm_rho=rho, admm_inverse=mode,
                 admm_moved=int((mask != keep).sum()) // 2, admm_seconds=time.perf_counter() - t0)
     if other is not None:
         info["admm_alternative"] = (other, (b * other / s).to(weight.dtype))

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from cap_dist.solvers import is_valid_n_m, parse_pattern, prune_layer, relative_error
-from cap_dist.solvers.numerics import damped
-from cap_dist.solvers.patterns import lowest_k_mask
-from cap_dist.solvers.polish import (ADMM_GROWTH, ADMM_GROWTH_FAST, ADMM_GROWTH_SLOW, admm_flops, admm_growth,
-                                    admm_masks, admm_uses_explicit_inverse, better_rows, refine_masks, resolve_weights,
-                                    threshold_keep)
+from cap_dist.solvers.numerics import blocked_cholesky, damped
+from cap_dist.solvers.patterns import lowest_k_mask, n_m_mask
+from cap_dist.solvers.polish import (ADMM_GROWTH, ADMM_GROWTH_FAST, ADMM_GROWTH_SLOW, THRESHOLD_SAMPLE, admm_flops,
+                                    admm_growth, admm_masks, admm_uses_explicit_inverse, better_rows, flip_order,
+                                    refine_masks, resolve_weights, threshold_keep)
 
 from tests.solvers.synthetic import correlated_problem
 from tests.solvers.test_cap_exactness import least_squares_fill
@@ -193,7 +193,7 @@ def test_recipe_default_cap_solve_beats_plain_cap_and_keeps_guarantees(pattern: 
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_admm_explicit_inverse_and_eigenbasis_steps_agree(pattern: str) -> None:
+def test_admm_explicit_inverse_and_triangular_solves_agree(pattern: str) -> None:
     """The two forms of ADMM's linear step are one arithmetic: same masks, weights equal to rounding, and
     both keep the exact count / groups and the prior zeros."""
     w, _, h = correlated_problem(rows=16, cols=64, samples=400, seed=21)
@@ -202,17 +202,17 @@ def test_admm_explicit_inverse_and_eigenbasis_steps_agree(pattern: str) -> None:
     base = prune_layer(w * ~prior, h, method="cap", sparsity=0.6, pattern=pattern, block_size=16, prior_mask=prior)
     pat = parse_pattern(pattern)
     out = {mode: admm_masks(w * ~prior, base.weight, base.mask, h, pat, prior, iterations=60, damp=0.01,
-                            inverse=mode) for mode in ("explicit", "eigen")}
-    assert out["explicit"][2]["admm_inverse"] == "explicit" and out["eigen"][2]["admm_inverse"] == "eigen"
-    assert torch.equal(out["explicit"][1], out["eigen"][1])
-    torch.testing.assert_close(out["explicit"][0], out["eigen"][0], rtol=1e-8, atol=1e-10)
-    mask = out["eigen"][1]
+                            inverse=mode) for mode in ("explicit", "cholesky")}
+    assert out["explicit"][2]["admm_inverse"] == "explicit" and out["cholesky"][2]["admm_inverse"] == "cholesky"
+    assert torch.equal(out["explicit"][1], out["cholesky"][1])
+    torch.testing.assert_close(out["explicit"][0], out["cholesky"][0], rtol=1e-8, atol=1e-10)
+    mask = out["cholesky"][1]
     assert not bool((mask & prior).any())
     assert int((~mask).sum()) == int((~base.mask).sum())
     if pattern == "2:4":
         assert is_valid_n_m(mask, pat)
     with pytest.raises(ValueError, match="inverse"):
-        admm_masks(w, base.weight, base.mask, h, pat, None, iterations=3, damp=0.01, inverse="cholesky")
+        admm_masks(w, base.weight, base.mask, h, pat, None, iterations=3, damp=0.01, inverse="eigen")
 
 
 def test_flipping_admm_support_is_decided_by_the_re_solved_objective(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -268,19 +268,103 @@ def test_better_rows_swaps_only_rows_of_equal_count_and_never_worsens() -> None:
 
 
 def test_threshold_keep_is_the_exact_lowest_k_selection() -> None:
-    """With a good hint, a bad hint, no hint, prior zeros (−inf) and ties, it removes exactly the k lowest."""
+    """Small and large layers (the sampled band: hit, missed, at the ends), prior zeros (−inf) and ties: it
+    removes exactly the k lowest, ties in index order."""
     g = torch.Generator().manual_seed(3)
     scores = torch.rand(40, 50, generator=g)
     scores[0, :7] = -torch.inf
-    for k in (0, 7, 600, 1999):
-        ref = lowest_k_mask(scores, k)
-        for hint in (None, 1e-9, 0.5, float(scores.flatten().sort().values[max(k - 1, 0)]) * 1.1, 10.0):
-            keep, _ = threshold_keep(scores, k, hint)
-            assert torch.equal(keep, ref), (k, hint)
+    for k in (0, 7, 600, 1999, 2000):
+        keep, _ = threshold_keep(scores, k)
+        assert torch.equal(keep, lowest_k_mask(scores, k)), k
+    large = torch.rand(256, 4 * THRESHOLD_SAMPLE // 256 + 64, generator=g)       # the sampled band is used
+    large[:3, :100] = -torch.inf
+    n = large.numel()
+    for k in (1, 299, 300, 301, n // 3, n // 2, n - 2):
+        keep, thr = threshold_keep(large, k)
+        assert int((~keep).sum()) == k and float(large[~keep].max()) <= float(large[keep].min()), k
+        if k <= 300:                                      # among the 300 tied −inf, the first in index order
+            assert torch.equal(torch.nonzero(~keep.reshape(-1)).flatten(),
+                               torch.nonzero(large.reshape(-1) == -torch.inf).flatten()[:k])
+        else:
+            assert torch.equal(keep, lowest_k_mask(large, k)) and bool((large[keep] > thr).all()), k
+    skewed = large.clone().reshape(-1)
+    step = n // THRESHOLD_SAMPLE
+    skewed[::step] = 0.0                                  # the strided sample sees only zeros: its band misses
+    skewed = skewed.reshape(large.shape)
+    keep, _ = threshold_keep(skewed, n // 2)
+    assert torch.equal(keep, lowest_k_mask(skewed, n // 2))
     tied = torch.ones(10, 10)
     tied[0, 0] = 0.5
-    keep, thr = threshold_keep(tied, 5, None)                       # ties at the threshold: a full selection
-    assert thr is None and int((~keep).sum()) == 5 and not bool(keep[0, 0])
+    keep, thr = threshold_keep(tied, 5)                   # ties at the threshold: the first in index order go
+    assert thr == 1.0 and int((~keep).sum()) == 5 and not bool(keep[0, 0])
+    assert torch.equal(~keep.reshape(-1)[1:], torch.arange(99) < 4)
+    nan = torch.rand(600, 600, generator=g)
+    nan[5, 5] = float("nan")
+    keep, _ = threshold_keep(nan, 1000)
+    assert int((~keep).sum()) == 1000 and bool(keep[5, 5])
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "4:8", "8:16"])
+def test_n_m_mask_by_ranks_is_the_lowest_per_group(pattern: str) -> None:
+    """The rank path (many groups, M ≤ 8) and the top-k path remove exactly the M − N lowest of every group;
+    ties go to the earlier column, −inf (prior zeros) first, NaN is kept (the top-k's order)."""
+    pat = parse_pattern(pattern)
+    g = torch.Generator().manual_seed(5)
+    for rows in (3, 512):                                 # 3 rows: the top-k path; 512: ranks where M ≤ 8
+        scores = torch.rand(rows, 64, generator=g)
+        scores[0, : pat.n_prune] = -torch.inf
+        keep = n_m_mask(scores, pat)
+        assert is_valid_n_m(keep, pat) and not bool(keep[0, : pat.n_prune].any())
+        groups = scores.reshape(rows, -1, pat.m)
+        kept = keep.reshape(rows, -1, pat.m)
+        highest_removed = torch.where(kept, -torch.inf, groups).amax(-1)
+        lowest_kept = torch.where(kept, groups, torch.inf).amin(-1)
+        assert bool((highest_removed <= lowest_kept).all())
+    tied = torch.zeros(512, 64)
+    tied[:, 1::pat.m] = -1.0
+    keep = n_m_mask(tied, pat)                            # ties at 0: the earliest columns of each group go
+    assert is_valid_n_m(keep, pat) and not bool(keep[:, 1::pat.m].any())
+    if pat.m <= 8:
+        expected = torch.ones(pat.m, dtype=torch.bool)
+        expected[1] = False
+        expected[[c for c in range(pat.m) if c != 1][: pat.n_prune - 1]] = False
+        assert torch.equal(keep.reshape(512, -1, pat.m), expected.expand(512, 64 // pat.m, pat.m))
+    nan = torch.rand(512, 64, generator=g)
+    nan[7, 2] = float("nan")
+    keep = n_m_mask(nan, pat)
+    assert is_valid_n_m(keep, pat) and bool(keep[7, 2])
+
+
+def test_blocked_cholesky_is_the_cholesky_factor_and_reports_failure() -> None:
+    """Blocks of columns or LAPACK: L is lower triangular with LLᵀ = A to rounding, the same factor as
+    LAPACK's; a matrix that is not positive definite reports the order of the failing leading minor."""
+    g = torch.Generator().manual_seed(2)
+    for n in (300, 2100):                                 # LAPACK's, and by blocks (ragged last block)
+        a = torch.randn(n, n + 50, generator=g, dtype=torch.float64)
+        spd = a @ a.T / n + 1e-3 * torch.eye(n, dtype=torch.float64)
+        factor, info = blocked_cholesky(spd)
+        assert info == 0 and bool((factor.triu(1) == 0).all())
+        torch.testing.assert_close(factor, torch.linalg.cholesky(spd), rtol=1e-9, atol=1e-10)
+        bad = spd.clone()
+        bad[n - 5, n - 5] = -1.0
+        assert blocked_cholesky(bad)[1] == int(torch.linalg.cholesky_ex(bad).info) == n - 4
+
+
+def test_flip_order_ranks_two_supports_as_their_objectives_do() -> None:
+    """flip_order's difference of the two projections' objectives, sparse or dense, against both objectives
+    computed in full (float64)."""
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(64, 64, generator=g, dtype=torch.float64)
+    hn = a @ a.T / 64 + 0.01 * torch.eye(64, dtype=torch.float64)
+    w0, b = torch.randn(40, 64, generator=g, dtype=torch.float64), torch.randn(40, 64, generator=g, dtype=torch.float64)
+    first = torch.rand(40, 64, generator=g) > 0.5
+    for flips in (1, 3, 30, 1200):                        # few differing entries: sparse product; many: dense
+        for trial in range(4):
+            second = first.clone()
+            second.view(-1)[torch.randperm(first.numel(), generator=g)[:flips]] ^= True
+            f1, f2 = (float(((w0 - b * k) @ hn * (w0 - b * k)).sum()) for k in (first, second))
+            assert flip_order(w0, b, hn, first, second) == (f1 <= f2)
+            assert flip_order(w0, b, hn, second, first) == (f2 <= f1)
 
 
 def test_resolve_reports_the_undamped_loss_of_what_it_returns() -> None:
@@ -293,11 +377,12 @@ def test_resolve_reports_the_undamped_loss_of_what_it_returns() -> None:
 
 def test_admm_width_policy_follows_the_cost_of_an_iteration() -> None:
     """Slow ρ growth where iterations cost nothing, ALPS's in between, fast at ViT widths; the explicit inverse
-    where in < 3·rows; the cost model counts one product per iteration there and two otherwise."""
+    where in < 3·rows; the cost model counts one product's flops per iteration and the Cholesky factor (and
+    there its inverse) every third iteration, no eigendecomposition."""
     assert admm_growth(64, 128) == ADMM_GROWTH_SLOW                   # vit4mnist
     assert admm_growth(1280, 320) == ADMM_GROWTH                      # EfficientNet-Lite0 conv_head
     assert admm_growth(1536, 6144) == ADMM_GROWTH_FAST                # ViT-g fc2
     assert admm_uses_explicit_inverse(1280, 320) and not admm_uses_explicit_inverse(768, 3072)
     product = 2.0 * 1536 * 6144 ** 2
-    assert admm_flops(1536, 6144, 10) == pytest.approx(9.0 * 6144 ** 3 + 10 * 2 * product)
-    assert admm_flops(1280, 320, 10) < 9.0 * 320 ** 3 + 10 * 2 * (2.0 * 1280 * 320 ** 2)
+    assert admm_flops(1536, 6144, 9) == pytest.approx(9 * product + 4 * 6144 ** 3 / 3)
+    assert admm_flops(1280, 320, 9) == pytest.approx(9 * 2.0 * 1280 * 320 ** 2 + 4 * 320 ** 3)
