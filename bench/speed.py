@@ -80,27 +80,21 @@ CASES: dict[str, dict[str, Any]] = {
 # Latency
 
 
-def _median_ms(call, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+ROUNDS = 5
 
 
-def torch_latency(model: nn.Module, shape: tuple[int, ...], reps: int) -> float:
+def torch_call(model: nn.Module, shape: tuple[int, ...]):
     x = torch.randn(shape)
-    with torch.inference_mode():
-        return _median_ms(lambda: model(x), reps)
+
+    def call() -> None:
+        with torch.inference_mode():
+            model(x)
+    return call
 
 
-def ort_latency(path: str, shape: tuple[int, ...], reps: int, threads: int) -> float:
-    session = ort_session(path, threads)
+def ort_call(session, shape: tuple[int, ...]):
     feed = {"images": torch.randn(shape).numpy()}
-    return _median_ms(lambda: session.run(None, feed), reps)
+    return lambda: session.run(None, feed)
 
 
 def torch_int8(model: nn.Module) -> nn.Module:
@@ -111,28 +105,49 @@ def torch_int8(model: nn.Module) -> nn.Module:
         return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 
+def interleaved_ms(calls: dict[tuple, Any], reps: int, rounds: int = ROUNDS, warmup: int = 2) -> dict[tuple, float]:
+    """Median milliseconds of every call, timed in ``rounds`` interleaved rounds of ``reps // rounds`` calls each
+    (at least one), so a drift of the machine's speed (other work, clocks) hits dense and pruned alike: timing one
+    model after the other made batch-1 ratios swing by 1.5x between runs of the same two models."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    samples: dict[tuple, list[float]] = {key: [] for key in calls}
+    per_round = max(1, reps // rounds)
+    for _ in range(rounds):
+        for key, call in calls.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                call()
+                samples[key].append(time.perf_counter() - start)
+    return {key: 1e3 * statistics.median(v) for key, v in samples.items()}
+
+
 def latency_rows(models: dict[str, nn.Module], image: tuple[int, int, int], batches: tuple[int, ...], reps: int,
                  threads: int, workdir: Path) -> list[dict[str, Any]]:
-    """Every model at every batch in torch eager (float and int8) and ORT (float and int8)."""
-    rows = []
+    """Every model at every batch in torch eager (float and int8) and ORT (float and int8); at each batch the
+    variants of one runtime are timed interleaved (ORT's intra-op threads spin for a while after each call, which
+    slowed torch calls timed between them 2-3x)."""
+    runners: dict[tuple[str, str, str], Any] = {}
     for name, model in models.items():
         onnx_path = str(workdir / f"{name}.onnx")
         export_onnx(model, torch.zeros((2, *image)), onnx_path)
         int8_path = quantize_int8(onnx_path, str(workdir / f"{name}.int8.onnx"))
-        eager_int8 = torch_int8(model)
-        for batch in batches:
-            shape = (batch, *image)
-            n = max(3, reps // max(1, batch // 16))                 # fewer repetitions of the big batches
-            rows += [{"model": name, "runtime": "torch", "precision": "fp32", "batch": batch,
-                      "ms": torch_latency(model, shape, n)},
-                     {"model": name, "runtime": "torch", "precision": "int8", "batch": batch,
-                      "ms": torch_latency(eager_int8, shape, n)},
-                     {"model": name, "runtime": "ort", "precision": "fp32", "batch": batch,
-                      "ms": ort_latency(onnx_path, shape, n, threads)},
-                     {"model": name, "runtime": "ort", "precision": "int8", "batch": batch,
-                      "ms": ort_latency(int8_path, shape, n, threads)}]
+        runners[(name, "torch", "fp32")] = ("torch", model)
+        runners[(name, "torch", "int8")] = ("torch", torch_int8(model))
+        runners[(name, "ort", "fp32")] = ("ort", ort_session(onnx_path, threads))
+        runners[(name, "ort", "int8")] = ("ort", ort_session(int8_path, threads))
+    rows = []
+    for batch in batches:
+        shape = (batch, *image)
+        n = max(ROUNDS, reps // max(1, batch // 16))                # fewer repetitions of the big batches
+        for runtime in ("torch", "ort"):        # one runtime at a time: ORT's pool spins between its calls
+            calls = {key: (torch_call(r, shape) if kind == "torch" else ort_call(r, shape))
+                     for key, (kind, r) in runners.items() if kind == runtime}
+            for (name, rt, precision), ms in interleaved_ms(calls, n).items():
+                rows.append({"model": name, "runtime": rt, "precision": precision, "batch": batch, "ms": ms})
             print("  " + ", ".join(f"{r['model']} {r['runtime']} {r['precision']} b{r['batch']}: {r['ms']:.2f} ms"
-                                   for r in rows[-4:]), flush=True)
+                                   for r in rows[-len(calls):]), flush=True)
     return rows
 
 
@@ -285,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="vit4mnist alone, short recovery (< 20 min)")
     parser.add_argument("--out", default=None, help="folder for the recovered models (default: a temporary one)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "speed.json"))
-    parser.add_argument("--reps", type=int, default=30, help="timed calls per latency (fewer at big batches)")
+    parser.add_argument("--reps", type=int, default=60, help="timed calls per latency (fewer at big batches)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
     parser.add_argument("--no-recovery", action="store_true", help="skip the Ray Train recovery")
     parser.add_argument("--epochs", type=int, default=None, help="recovery epochs (default: per case; --quick: fewer)")
