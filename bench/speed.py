@@ -59,7 +59,8 @@ METHODS = ("cap", "obs", "magnitude")
 def structured_overrides(case: dict[str, Any], method: str) -> list[str]:
     return ["engine=local", "prune.sparsity=0", "schedule.first=null",
             f"structured={{target: {case['target']}, measure: {case['measure']}, "
-            f"latency_batch: {case.get('latency_batch', 64)}, method: {method}, "
+            f"latency_batch: {case.get('latency_batch', 64)}, multiple_of: {case.get('multiple_of', 1)}, "
+            f"method: {method}, "
             f"structures: [{', '.join(case['structures'])}]}}"]
 
 
@@ -70,7 +71,7 @@ CASES: dict[str, dict[str, Any]] = {
                   "structures": ["mlp", "heads"], "batches": (1, 64, 256)},
     "effnet-lite0": {"recipe": "jobs/effnet_lite0.yaml", "model": "tf_efficientnet_lite0",
                      "finetune": lambda e: effnet(0.0, 1, e), "epochs": 4,
-                     "quick_epochs": 1, "target": 0.75, "measure": "flops", "structures": ["channels"],
+                     "quick_epochs": 1, "target": 0.75, "measure": "flops", "multiple_of": 16, "structures": ["channels"],
                      "batches": (1, 64)},
     "vitb16-shape": {"shape_only": "vit_base_patch16_224", "target": 0.5, "batches": (1, 64)},
 }
@@ -214,6 +215,7 @@ def real_case(name: str, case: dict[str, Any], out: Path, quick: bool, reps: int
               f"MACs kept {oneshot[method]['macs_kept']:.3f}, groups kept {oneshot[method]['kept_by_kind']}",
               flush=True)
     result: dict[str, Any] = {"case": name, "target": case["target"], "measure": case["measure"],
+                              "multiple_of": case.get("multiple_of", 1),
                               "latency_batch": case.get("latency_batch"), "dense_top1": dense_top1,
                               "eval_images": sum(int(x.shape[0]) for x, _ in evaluation), "oneshot": oneshot}
     structured, _ = load_sparse(oneshot["cap"]["output"])
@@ -309,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                    "(default: per case)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated structured methods to compare, of {', '.join(METHODS)} (cap first)")
+    parser.add_argument("--multiple-of", type=int, default=None,
+                        help="structured.multiple_of of the real cases (default: per case, 1)")
     parser.add_argument("--measure", choices=("flops", "params", "latency"), default=None,
                         help="structured.measure of the real cases (default: per case)")
     args = parser.parse_args(argv)
@@ -339,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             if "recipe" in case:
                 case["target"] = args.target or case["target"]
                 case["measure"] = args.measure or case["measure"]
+                case["multiple_of"] = args.multiple_of or case.get("multiple_of", 1)
             if "shape_only" in case:
                 results.append(shape_case(name, case, args.reps, args.threads, work))
             else:
