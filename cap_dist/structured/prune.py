@@ -169,14 +169,19 @@ def plan_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: Structure
                           (1.0 - cfg.target) * total, latency)
 
 
+def measure_name(cfg: StructuredConfig) -> str:
+    """What ``cfg.target`` is a fraction of, in words."""
+    return {"flops": "MACs", "params": "parameters",
+            "latency": f"measured latency at batch {cfg.latency_batch}"}[cfg.measure]
+
+
 def check_reachable(unit: dict[str, float], valid: dict[str, torch.Tensor], total: float,
                     cfg: StructuredConfig) -> None:
     """Refuse a target the structures cannot reach even at their limits, saying what the least reachable is."""
     reachable = sum(unit[n] * int(v.nonzero().max()) for n, v in valid.items())
     least = 1.0 - reachable / total if total > 0 else 1.0
     if cfg.target < least - 1e-9:
-        what = {"flops": "MACs", "params": "parameters",
-                "latency": f"measured latency at batch {cfg.latency_batch}"}[cfg.measure]
+        what = measure_name(cfg)
         hint = (" (the rest is the embedding, norms, head and per-call overhead; a larger structured.latency_batch "
                 "leaves less of it)" if cfg.measure == "latency" else "")
         raise BudgetError(f"structured.target={cfg.target} keeps less of the {what} than removable structures allow: "
@@ -254,10 +259,9 @@ def prune_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: Structur
             record.latency_per_group_us = 1e6 * plan.latency.per_group[s.name]
         records.append(record)
     saved = sum(plan.unit[n] * k for n, k in counts.items())
-    what = {"flops": "MACs", "params": "parameters",
-            "latency": f"latency at batch {cfg.latency_batch} (predicted by the timed table)"}[cfg.measure]
-    log.info("structured (%s, %s): kept %.1f%% of the %s", cfg.method, allocation.chosen,
-             100 * (1 - saved / plan.total), what)
+    predicted = " (predicted by the timed table)" if cfg.measure == "latency" else ""
+    log.info("structured (%s, %s): kept %.1f%% of the %s%s", cfg.method, allocation.chosen,
+             100 * (1 - saved / plan.total), measure_name(cfg), predicted)
     return records
 
 
