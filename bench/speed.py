@@ -60,14 +60,14 @@ def structured_overrides(case: dict[str, Any], method: str) -> list[str]:
     return ["engine=local", "prune.sparsity=0", "schedule.first=null",
             f"structured={{target: {case['target']}, measure: {case['measure']}, "
             f"latency_batch: {case.get('latency_batch', 64)}, multiple_of: {case.get('multiple_of', 1)}, "
-            f"method: {method}, "
+            f"method: {method}, branches: {str(case.get('branches', False)).lower()}, "
             f"structures: [{', '.join(case['structures'])}]}}"]
 
 
 CASES: dict[str, dict[str, Any]] = {
     "vit4mnist": {"recipe": "jobs/vit4mnist.yaml", "model": "vit4mnist", "finetune": lambda e: vit4mnist(0.0, 1, e),
                   "epochs": 6,
-                  "quick_epochs": 2, "target": 0.5, "measure": "latency", "latency_batch": 64,
+                  "quick_epochs": 2, "target": 0.5, "measure": "latency", "latency_batch": 64, "branches": True,
                   "structures": ["mlp", "heads"], "batches": (1, 64, 256)},
     "effnet-lite0": {"recipe": "jobs/effnet_lite0.yaml", "model": "tf_efficientnet_lite0",
                      "finetune": lambda e: effnet(0.0, 1, e), "epochs": 4,

@@ -208,6 +208,12 @@ class StructuredConfig(_Strict):
         "summed loss relative to each consumer's own output energy per saved MAC/parameter (no extra passes; "
         "misallocates on CNNs); uniform: the same fraction of groups everywhere"))
     max_fraction: float = Field(0.9, gt=0.0, lt=1.0, description="the most of one module's groups removed")
+    branches: bool = Field(False, description=(
+        "also allow removing an attention or MLP of a pre-norm ViT block whole (every head / hidden unit): its "
+        "norm and module stop running and the branch adds its mean output on the calibration images, a "
+        "trainable constant. With measure=latency the table times what each whole branch saves (its per-call "
+        "overhead, most of a small ViT's time at batch 1), so the allocation can trade a removed branch against "
+        "narrower ones"))
     damp: float = Field(0.01, ge=0.0)
     damp_mode: Literal["relative", "mean"] = "relative"
     ignore: list[str] = Field(default_factory=list, description="module names (and their children) left whole")

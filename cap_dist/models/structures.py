@@ -18,6 +18,11 @@ freshly built skeleton before its weights are loaded (``model.json``'s ``structu
 
     found = find_structures(model, ("mlp", "heads"))
     remove_groups(model, found[0], keep=torch.tensor([0, 2, 3]))   # a physically smaller block
+
+A whole residual branch can go too (every head of an attention, every hidden unit of an MLP, in a pre-norm timm
+``Block``): :func:`remove_branch` puts a :class:`ConstantBranch` (the branch's mean output, a trainable vector) in
+the module's place and an ``Identity`` in its norm's, so neither runs; the record says ``groups: 0``. At batch 1 a
+small ViT's time is mostly per-call overhead that a narrower module keeps and only a removed call saves.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any, Literal
 import torch
 from timm.layers import Attention, GluMlp, Mlp, SwiGLU
 from timm.models._efficientnet_blocks import InvertedResidual
+from timm.models.vision_transformer import Block
 from torch import nn
 
 StructureKind = Literal["mlp", "heads", "channels"]
@@ -221,6 +227,74 @@ def _shrink_attention(attn: Attention, keep: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Whole branches: the module and its norm replaced by a constant
+
+
+class ConstantBranch(nn.Module):
+    """A removed residual branch: returns its ``constant`` (the branch's mean output on the calibration images, a
+    trainable vector) broadcast to the branch input's shape, whatever else the block passes it. ``kind`` records
+    what was removed (``mlp`` or ``heads``) for the output's shapes record."""
+
+    def __init__(self, constant: torch.Tensor, kind: StructureKind) -> None:
+        super().__init__()
+        self.constant = nn.Parameter(constant.detach().clone())
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.constant.to(x.dtype).expand_as(x)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, width={self.constant.numel()}"
+
+
+_BRANCH_NORMS = {"attn": "norm1", "mlp": "norm2"}
+
+
+def branch_norm(model: nn.Module, name: str) -> str | None:
+    """The norm that feeds the module ``name`` alone, when the module is a whole residual branch that can be
+    replaced by a constant (``attn`` or ``mlp`` of a pre-norm timm ``Block``: ``x + ls(module(norm(x)))``); None
+    elsewhere (an EfficientNet block, a post-norm or parallel block, where a constant would change more)."""
+    parent_name, _, attr = name.rpartition(".")
+    if attr not in _BRANCH_NORMS:
+        return None
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if type(parent) is not Block:
+        return None
+    return f"{parent_name}.{_BRANCH_NORMS[attr]}" if parent_name else _BRANCH_NORMS[attr]
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+def remove_branch(model: nn.Module, structure: Structure, constant: torch.Tensor) -> None:
+    """Replace the structure's module by ``ConstantBranch(constant)`` and its norm by ``Identity``, in place.
+
+    Raises:
+        StructureError: the module is not a whole residual branch (see :func:`branch_norm`).
+    """
+    norm = branch_norm(model, structure.name)
+    if norm is None:
+        raise StructureError(f"{structure.name}: only the attn / mlp of a pre-norm timm Block can be removed whole "
+                             "(a constant there is exact); keep at least one group")
+    consumer = model.get_submodule(structure.consumer)
+    outputs = consumer.out_channels if isinstance(consumer, nn.Conv2d) else consumer.out_features
+    if tuple(constant.shape) != (outputs,):
+        raise ValueError(f"{structure.name}: the constant must have the branch's {outputs} outputs, got "
+                         f"{tuple(constant.shape)}")
+    weight = consumer.weight
+    _set(model, structure.name, ConstantBranch(constant.to(device=weight.device, dtype=weight.dtype),
+                                               structure.kind))
+    _set(model, norm, nn.Identity())
+
+
+def removed_branches(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The shapes record of every removed branch in ``model`` (``groups: 0``)."""
+    return {name: {"kind": m.kind, "groups": 0} for name, m in model.named_modules() if isinstance(m, ConstantBranch)}
+
+
+# ----------------------------------------------------------------------------------------------------
 # The shapes record (model.json's ``structured``)
 
 
@@ -244,14 +318,23 @@ def apply_structure_shapes(model: nn.Module, shapes: dict[str, dict[str, Any]]) 
             module = model.get_submodule(name)
         except AttributeError:
             raise StructureError(f"model.json 'structured' names {name!r}, which this model does not have") from None
+        if isinstance(module, ConstantBranch) and isinstance(entry, dict) and entry.get("kind") == module.kind \
+                and entry.get("groups") == 0:
+            continue                                   # already removed
         structure = structure_of(name, module)
         if structure is None or not isinstance(entry, dict) or entry.get("kind") != structure.kind:
             raise StructureError(f"model.json 'structured' says {name!r} is {entry!r}, but the model's module there "
                                  f"is a {type(module).__name__}")
         groups = entry.get("groups")
+        if groups == 0 and branch_norm(model, name) is not None:
+            outputs = model.get_submodule(structure.consumer)
+            width = outputs.out_channels if isinstance(outputs, nn.Conv2d) else outputs.out_features
+            remove_branch(model, structure, torch.zeros(width))   # the loaded weights fill the constant
+            continue
         if not isinstance(groups, int) or not 1 <= groups <= structure.groups:
+            least = 0 if branch_norm(model, name) is not None else 1
             raise StructureError(f"model.json 'structured': {name!r} groups={groups!r} must be an integer in "
-                                 f"[1, {structure.groups}]")
+                                 f"[{least}, {structure.groups}]")
         if groups < structure.groups:
             remove_groups(model, structure, torch.arange(groups, device="cpu"))
 
@@ -259,8 +342,9 @@ def apply_structure_shapes(model: nn.Module, shapes: dict[str, dict[str, Any]]) 
 def infer_structure_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
     """The shapes record of a state dict whose structures are smaller than ``model``'s (meta is fine): every
     supported structure whose consumer has fewer input columns in ``state``. Modules that hold no removable
-    structure (or a variant that cannot be pruned exactly) are not recorded; a state that differs from the
-    model elsewhere fails when it is loaded, with the key named."""
+    structure (or a variant that cannot be pruned exactly) are not recorded; a removed branch (its ``constant`` in
+    the state, its consumer's weight not) is recorded as ``groups: 0``; a state that differs from the model
+    elsewhere fails when it is loaded, with the key named."""
     shapes = {}
     for name, module in model.named_modules():
         if _kind_of(module) is None:
@@ -268,6 +352,9 @@ def infer_structure_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> 
         try:
             structure = structure_of(name, module)
         except StructureError:
+            continue
+        if f"{name}.constant" in state and f"{structure.consumer}.weight" not in state:
+            shapes[name] = {"kind": structure.kind, "groups": 0}       # a removed branch
             continue
         weight = state.get(f"{structure.consumer}.weight")
         if weight is None or weight.ndim < 2:

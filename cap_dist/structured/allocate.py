@@ -1,8 +1,10 @@
 """How many groups each structure loses, to remove a budget of compute (or parameters) at the least total loss.
 
-Pure functions of the per-structure loss curves (cumulative, 0 at 0 removed) and the cost of one group.
-``global``: the Lagrangian choice — every structure takes the count minimising curve[k] − λ·cost·k, with λ (loss
-per saved MAC) the smallest that reaches the budget, found by bisection; this is the optimum of the convex hulls of
+Pure functions of the per-structure loss curves (cumulative, 0 at 0 removed) and savings (what removing k groups
+saves, 0 at 0: ``cost·k`` for MACs and parameters, :func:`linear_savings`; a measured latency adds a step at the
+structure's full removal, where its module's per-call overhead goes too). ``global``: the Lagrangian choice — every
+structure takes the count minimising curve[k] − λ·saving[k], with λ (loss per saved unit) the smallest that reaches
+the budget, found by bisection; this is the optimum of the convex hulls of
 the curves, so a non-convex curve cannot trap the allocation. ``uniform``: every structure loses the same fraction
 of its groups, the smallest that reaches the budget.
 
@@ -27,13 +29,24 @@ class BudgetError(ValueError):
     """The requested target cannot be reached within the per-structure limits."""
 
 
-def _check(curves: Mapping[str, torch.Tensor], costs: Mapping[str, float], budget: float) -> None:
-    if set(curves) != set(costs):
-        raise ValueError(f"curves and costs must name the same structures; differ on "
-                         f"{sorted(set(curves) ^ set(costs))[:5]}")
+Savings = Mapping[str, torch.Tensor]
+
+
+def linear_savings(costs: Mapping[str, float], lengths: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """``cost·k`` for k = 0 .. ``lengths[name] - 1``: every group saves the same."""
+    return {n: costs[n] * torch.arange(lengths[n], dtype=torch.float64) for n in costs}
+
+
+def _check(curves: Mapping[str, torch.Tensor], savings: Savings, budget: float) -> None:
+    if set(curves) != set(savings):
+        raise ValueError(f"curves and savings must name the same structures; differ on "
+                         f"{sorted(set(curves) ^ set(savings))[:5]}")
+    bad = [n for n in curves if len(savings[n]) != len(curves[n])]
+    if bad:
+        raise ValueError(f"{bad[:3]}: a saving per count must accompany every point of the loss curve")
     if budget < 0:
         raise ValueError(f"budget={budget} must be >= 0")
-    reachable = sum(costs[n] * _deepest(c) for n, c in curves.items())
+    reachable = sum(float(savings[n][_deepest(c)]) for n, c in curves.items())
     if budget > reachable * (1 + 1e-12):
         raise BudgetError(f"removing {budget:.4g} needs more than the structures allow ({reachable:.4g} at their "
                           "limits); lower the target's reduction or raise structured.max_fraction")
@@ -44,45 +57,42 @@ def _deepest(curve: torch.Tensor) -> int:
     return int(torch.isfinite(curve).nonzero().max())
 
 
-def _counts_at(lam: float, curves: Mapping[str, torch.Tensor], costs: Mapping[str, float]) -> dict[str, int]:
-    out = {}
-    for name, curve in curves.items():
-        k = torch.arange(len(curve), dtype=torch.float64)
-        out[name] = int(torch.argmin(curve.double() - lam * costs[name] * k))
-    return out
+def _counts_at(lam: float, curves: Mapping[str, torch.Tensor], savings: Savings) -> dict[str, int]:
+    return {n: int(torch.argmin(curve.double() - lam * savings[n].double())) for n, curve in curves.items()}
 
 
-def _saved(counts: Mapping[str, int], costs: Mapping[str, float]) -> float:
-    return sum(costs[n] * k for n, k in counts.items())
+def _saved(counts: Mapping[str, int], savings: Savings) -> float:
+    return sum(float(savings[n][k]) for n, k in counts.items())
 
 
-def lagrangian_counts(curves: Mapping[str, torch.Tensor], costs: Mapping[str, float], budget: float) -> dict[str, int]:
+def lagrangian_counts(curves: Mapping[str, torch.Tensor], savings: Savings, budget: float) -> dict[str, int]:
     """Groups to remove per structure: ``curves[name][k]`` is the loss after removing k groups (``len - 1`` is that
-    structure's limit), ``costs[name]`` what one group saves; the removed total reaches ``budget``."""
-    _check(curves, costs, budget)
+    structure's limit), ``savings[name][k]`` what removing them saves; the saved total reaches ``budget``."""
+    _check(curves, savings, budget)
     if budget == 0:
         return {name: 0 for name in curves}
-    hi = max((float(c[_deepest(c)]) / costs[n] for n, c in curves.items() if _deepest(c) > 0), default=0.0) + 1.0
+    hi = max((float(c[k]) / float(savings[n][k]) for n, c in curves.items()
+              if (k := _deepest(c)) > 0 and float(savings[n][k]) > 0), default=0.0) + 1.0
     lo = 0.0
-    while _saved(_counts_at(hi, curves, costs), costs) < budget:      # flat curves: the bound may need room
+    while _saved(_counts_at(hi, curves, savings), savings) < budget:     # flat curves: the bound may need room
         hi *= 2.0
         if not math.isfinite(hi):
             raise BudgetError(f"no allocation reaches the budget {budget:.4g}")
     for _ in range(_BISECTIONS):
         mid = 0.5 * (lo + hi)
-        if _saved(_counts_at(mid, curves, costs), costs) >= budget:
+        if _saved(_counts_at(mid, curves, savings), savings) >= budget:
             hi = mid
         else:
             lo = mid
-    return _counts_at(hi, curves, costs)
+    return _counts_at(hi, curves, savings)
 
 
-def uniform_counts(groups: Mapping[str, int], valid: Mapping[str, torch.Tensor], costs: Mapping[str, float],
+def uniform_counts(groups: Mapping[str, int], valid: Mapping[str, torch.Tensor], savings: Savings,
                    budget: float) -> dict[str, int]:
     """The same fraction f of every structure's groups (rounded down to a count ``valid[name]`` allows), the least
     f that reaches the budget. ``valid[name][k]``: whether removing k groups is allowed (k = 0 .. its limit)."""
     curves = {n: torch.where(v, 0.0, torch.inf) for n, v in valid.items()}
-    _check(curves, costs, budget)
+    _check(curves, savings, budget)
 
     def counts(fraction: float) -> dict[str, int]:
         out = {}
@@ -94,7 +104,7 @@ def uniform_counts(groups: Mapping[str, int], valid: Mapping[str, torch.Tensor],
     lo, hi = 0.0, 1.0
     for _ in range(_BISECTIONS):
         mid = 0.5 * (lo + hi)
-        if _saved(counts(mid), costs) >= budget:
+        if _saved(counts(mid), savings) >= budget:
             hi = mid
         else:
             lo = mid
@@ -112,8 +122,8 @@ def smallest_valid_at_least(valid: torch.Tensor, count: float) -> int:
 
 def blend_counts(a: Mapping[str, int], b: Mapping[str, int], alpha: float,
                  valid: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """Per structure the smallest allowed count at or above ``alpha·a + (1 − alpha)·b``. What a structure saves is
-    linear in its count, so when ``a`` and ``b`` both reach a budget, so does every blend."""
+    """Per structure the smallest allowed count at or above ``alpha·a + (1 − alpha)·b``. Where what a structure
+    saves is linear in its count (MACs, parameters), a blend of two counts that reach a budget reaches it too."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha} must lie in [0, 1]")
     return {n: smallest_valid_at_least(valid[n], alpha * a[n] + (1.0 - alpha) * b[n]) for n in a}

@@ -7,6 +7,11 @@ its softmax, reshapes and per-head matmuls cost time that MACs do not count, so 
 Every structure's module is therefore timed at several widths on the inputs it sees in the model (a copy shrunk
 with :func:`remove_groups`), and one group's saving is the least-squares slope of time against the number of groups.
 
+A structure whose module is a whole residual branch (:func:`~cap_dist.models.structures.branch_norm`) can also be
+removed entirely, which saves more than its groups' slope predicts: the module's and its norm's per-call overhead
+(kernel launches, reshapes, softmax set-up), which at batch 1 is most of a small ViT's time. Its ``branch`` saving is
+the timed norm + module at full width less a :class:`ConstantBranch` call, at least the slope's.
+
 Timing is noisy where other work shares the machine. Each width is timed in several interleaved rounds and the
 fastest round kept (contention only ever adds time), and a structure whose time does not fall with its width saves
 nothing: the allocation then has no reason to cut it.
@@ -17,13 +22,13 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from torch.utils.benchmark import Timer
 
-from cap_dist.models.structures import Structure, remove_groups
+from cap_dist.models.structures import ConstantBranch, Structure, branch_norm, remove_groups
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,15 @@ class LatencyTable:
     model_seconds: float
     per_group: dict[str, float]
     points: dict[str, list[tuple[int, float]]]   # structure -> (groups kept, seconds) as measured
+    branch: dict[str, float] = field(default_factory=dict)   # structure -> seconds saved by removing it whole
+
+    def savings(self, name: str, groups: int, limit: int) -> torch.Tensor:
+        """Seconds saved by removing k = 0 .. ``limit`` of the structure's ``groups`` groups: the slope per group,
+        and at k = groups (a removed branch) the timed branch saving where it is larger."""
+        saved = self.per_group[name] * torch.arange(limit + 1, dtype=torch.float64)
+        if limit == groups and name in self.branch:
+            saved[groups] = max(float(saved[groups]), self.branch[name])
+        return saved
 
 
 def time_call(call: Callable[[], object], threads: int) -> float:
@@ -111,20 +125,31 @@ def shrunk_copies(module: nn.Module, structure: Structure) -> list[tuple[int, nn
 
 
 def measure_latency(model: nn.Module, structures: list[Structure], inputs: list[torch.Tensor], batch: int,
-                    threads: int | None = None) -> LatencyTable:
-    """The latency table of ``model`` (eval mode, on its device) at ``batch`` calibration images."""
+                    threads: int | None = None, branches: bool = False) -> LatencyTable:
+    """The latency table of ``model`` (eval mode, on its device) at ``batch`` calibration images; with
+    ``branches``, also what removing each whole residual branch saves."""
     if batch < 1:
         raise ValueError(f"latency batch={batch} must be >= 1")
     threads = threads or torch.get_num_threads()
     x = batch_of(inputs, batch)
-    seen = module_inputs(model, [s.name for s in structures], x)
+    norms = {s.name: n for s in structures if branches and (n := branch_norm(model, s.name)) is not None}
+    seen = module_inputs(model, [s.name for s in structures] + list(norms.values()), x)
     with torch.inference_mode():
         model_seconds = fastest([lambda: model(x)], threads)[0]
-        per_group, points = {}, {}
+        per_group, points, branch = {}, {}, {}
         for s in structures:
             args, kwargs = seen[s.name]
             copies = shrunk_copies(model.get_submodule(s.name), s)
-            times = fastest([lambda m=m: m(*args, **kwargs) for _, m in copies], threads)
+            calls = [lambda m=m: m(*args, **kwargs) for _, m in copies]
+            if s.name in norms:
+                norm, (norm_args, norm_kwargs) = model.get_submodule(norms[s.name]), seen[norms[s.name]]
+                constant = ConstantBranch(torch.zeros(args[0].shape[-1], device=args[0].device), s.kind)
+                calls += [lambda: norm(*norm_args, **norm_kwargs), lambda: constant(*args, **kwargs)]
+            times = fastest(calls, threads)
+            if s.name in norms:
+                norm_s, constant_s = times[-2:]
+                times = times[:-2]
+                branch[s.name] = max(0.0, times[0] + norm_s - constant_s)
             points[s.name] = [(kept, t) for (kept, _), t in zip(copies, times)]
             per_group[s.name] = slope_per_group(points[s.name])
             if times[-1] > times[0]:
@@ -132,7 +157,7 @@ def measure_latency(model: nn.Module, structures: list[Structure], inputs: list[
                             "this machine is distorting the latency table (time it on a quiet machine, or use "
                             "structured.measure: flops)", s.name, copies[-1][0], s.groups, 1e3 * times[-1],
                             1e3 * times[0])
-    if not any(v > 0 for v in per_group.values()):
+    if not any(v > 0 for v in [*per_group.values(), *branch.values()]):
         raise ValueError(f"no structure's time falls with its width at batch {batch} (timing noise or a model too "
                          "small for this batch); use structured.measure: flops or a larger structured.latency_batch")
-    return LatencyTable(batch, model_seconds, per_group, points)
+    return LatencyTable(batch, model_seconds, per_group, points, branch)

@@ -20,12 +20,13 @@ from tqdm.auto import tqdm
 from cap_dist.config import StructuredConfig
 from cap_dist.models.kind import model_kind
 from cap_dist.models.capture import collect_hessians, flattened_weight, set_flattened_weight
-from cap_dist.models.structures import Structure, find_structures, remove_groups
+from cap_dist.models.structures import Structure, branch_norm, find_structures, remove_branch, remove_groups
 from cap_dist.solvers.numerics import layer_energy
 from cap_dist.solvers.structured import (damped_inverse, greedy_group_obs, group_loss, magnitude_group_scores,
                                          oneshot_group_scores, solve_kept_columns)
-from cap_dist.structured.allocate import (BudgetError, lagrangian_counts, output_scaled_curves, probe_counts,
-                                          uniform_counts)
+from cap_dist.structured.allocate import (BudgetError, Savings, lagrangian_counts, linear_savings,
+                                          output_scaled_curves, probe_counts, uniform_counts)
+from cap_dist.structured.branches import branch_constant, branch_relative_loss, input_means
 from cap_dist.structured.costs import GroupCost, group_costs, module_macs, total_params
 from cap_dist.structured.latency import LatencyTable, measure_latency
 from cap_dist.structured.trial import OutputProbe, trial_weights
@@ -41,13 +42,14 @@ class StructureRecord:
     kind: str
     consumer: str
     groups: int
-    kept: int
+    kept: int                 # 0: the whole branch was removed (structured.branches)
     method: str
     allocation: str           # the allocation whose counts were used (calibrated: the guard's winner)
     rel_error: float          # ‖(Ŵ−W)X‖²/‖WX‖² of the consumer on the calibration inputs (undamped H)
     macs_per_group: float
     params_per_group: int
     latency_per_group_us: float | None = None   # measure=latency: the timed saving of one group (microseconds)
+    latency_branch_us: float | None = None      # measure=latency, branches: the timed saving of the whole branch
 
     def row(self) -> dict:
         return asdict(self)
@@ -62,9 +64,18 @@ class LayerCurve:
 
 
 def removal_curve(weight: torch.Tensor, hessian: torch.Tensor, structure: Structure, depth: int,
-                  cfg: StructuredConfig) -> LayerCurve:
+                  cfg: StructuredConfig, mean_input: torch.Tensor | None = None) -> LayerCurve:
     """The method's order of removal and its loss estimate after each count, relative to the layer's energy
-    (magnitude: the removed share of the squared weight norm, its own criterion)."""
+    (magnitude: the removed share of the squared weight norm, its own criterion). ``depth`` equal to the
+    structure's groups (a whole branch, ``mean_input`` given) ends the curve with the exact loss of the branch
+    replaced by its mean output (magnitude: 1, all of the weight)."""
+    if depth == structure.groups:
+        if mean_input is None:
+            raise ValueError(f"{structure.name}: removing every group needs the consumer's mean input")
+        partial = removal_curve(weight, hessian, structure, depth - 1, cfg)
+        last = 1.0 if cfg.method == "magnitude" else branch_relative_loss(weight, hessian, mean_input)
+        order = torch.cat([partial.order, _missing(partial.order, structure.groups)])
+        return LayerCurve(order, torch.cat([partial.curve, torch.tensor([last], dtype=torch.float64)]))
     groups = structure.columns()
     w = weight.double()
     if cfg.method == "cap":
@@ -83,12 +94,21 @@ def removal_curve(weight: torch.Tensor, hessian: torch.Tensor, structure: Struct
     return LayerCurve(order, curve)
 
 
-def valid_counts(structure: Structure, limit: int, multiple_of: int) -> torch.Tensor:
+def _missing(order: torch.Tensor, groups: int) -> torch.Tensor:
+    alive = torch.ones(groups, dtype=torch.bool)
+    alive[order] = False
+    return alive.nonzero().squeeze(1)
+
+
+def valid_counts(structure: Structure, limit: int, multiple_of: int, partial_limit: int | None = None) -> torch.Tensor:
     """``[limit + 1]`` bools: which numbers of removed groups leave the consumer a width that is a multiple of
-    ``multiple_of`` (removing none is always allowed: the module stays as it was)."""
+    ``multiple_of`` (removing none is always allowed: the module stays as it was). With ``partial_limit`` below
+    ``limit`` (= the structure's groups: a removable branch), counts between the two are not allowed."""
     kept = structure.groups - torch.arange(limit + 1)
     valid = (kept * structure.group_size) % multiple_of == 0
     valid[0] = True
+    if partial_limit is not None:
+        valid[partial_limit + 1:limit] = False
     return valid
 
 
@@ -106,19 +126,34 @@ class StructuredPlan:
     hessians: dict[str, torch.Tensor]
     curves: dict[str, LayerCurve]
     costs: dict[str, GroupCost]
-    unit: dict[str, float]          # what one group saves in the target's measure
+    unit: dict[str, float]          # what one group saves in the target's measure (the slope, for latency)
+    savings: Savings                # what removing k = 0 .. limit groups saves, per structure
     valid: dict[str, torch.Tensor]  # which counts each structure allows
     total: float                    # the dense model's MACs, parameters or seconds per forward pass
     budget: float                   # how much of it to remove
     latency: LatencyTable | None = None   # measure=latency: the timed table behind ``unit`` and ``total``
+    means: dict[str, torch.Tensor] = field(default_factory=dict)   # consumer -> mean input (removable branches)
 
     def trial_weight(self, name: str, count: int, damp: float, damp_mode: str) -> torch.Tensor:
-        """The consumer's re-solved weight with the first ``count`` groups of the structure's order removed."""
+        """The consumer's re-solved weight with the first ``count`` groups of the structure's order removed (all
+        of them: zero; :meth:`trial_constant` then carries the branch's mean output)."""
         s = next(x for x in self.structures if x.name == name)
         weight = flattened_weight(self.consumers[s.consumer])
+        if count == s.groups:
+            return torch.zeros_like(weight)
         removed = s.columns()[self.curves[name].order[:count]].reshape(-1)
         return solve_kept_columns(weight, self.hessians[s.consumer], removed, damp=damp,
                                   damp_mode=damp_mode).to(weight.dtype)
+
+    def trial_constant(self, name: str, count: int) -> torch.Tensor | None:
+        """What the consumer outputs under the trial when every group goes (the branch's mean output), else
+        None."""
+        s = next(x for x in self.structures if x.name == name)
+        if count < s.groups:
+            return None
+        consumer = self.consumers[s.consumer]
+        return branch_constant(flattened_weight(consumer), consumer.bias, self.means[s.consumer]).to(
+            consumer.weight.dtype)
 
 
 @dataclass
@@ -141,18 +176,25 @@ def plan_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: Structure
     macs = module_macs(model, inputs[0][:1])
     costs = group_costs(model, structures, macs)
     latency = None
+    whole = {s.name for s in structures if cfg.branches and branch_norm(model, s.name) is not None}
+    partial = {s.name: min(s.groups - 1, math.floor(cfg.max_fraction * s.groups)) for s in structures}
+    limits = {s.name: s.groups if s.name in whole else partial[s.name] for s in structures}
+    valid = {s.name: valid_counts(s, limits[s.name], cfg.multiple_of, partial[s.name]) for s in structures}
     if cfg.measure == "latency":
-        latency = measure_latency(model, structures, inputs, cfg.latency_batch)
+        latency = measure_latency(model, structures, inputs, cfg.latency_batch, branches=bool(whole))
         unit, total = latency_units(latency), latency.model_seconds
-        log.info("latency table at batch %d: model %.3f ms; per group %s", latency.batch, 1e3 * total,
-                 ", ".join(f"{n} {1e6 * v:.1f} us" for n, v in latency.per_group.items()))
+        savings = {s.name: _floored(latency.savings(s.name, s.groups, limits[s.name]), unit[s.name])
+                   for s in structures}
+        log.info("latency table at batch %d: model %.3f ms; per group %s%s", latency.batch, 1e3 * total,
+                 ", ".join(f"{n} {1e6 * v:.1f} us" for n, v in latency.per_group.items()),
+                 "; whole branches " + ", ".join(f"{n} {1e6 * v:.1f} us" for n, v in latency.branch.items())
+                 if latency.branch else "")
     else:
         unit = {s.name: (costs[s.name].macs if cfg.measure == "flops" else float(costs[s.name].params))
                 for s in structures}
         total = model_total(model, macs, cfg.measure)
-    limits = {s.name: min(s.groups - 1, math.floor(cfg.max_fraction * s.groups)) for s in structures}
-    valid = {s.name: valid_counts(s, limits[s.name], cfg.multiple_of) for s in structures}
-    check_reachable(unit, valid, total, cfg)
+        savings = linear_savings(unit, {n: k + 1 for n, k in limits.items()})
+    check_reachable(savings, valid, total, cfg)
     consumers = {s.consumer: model.get_submodule(s.consumer) for s in structures}
 
     def run() -> None:
@@ -161,12 +203,20 @@ def plan_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: Structure
 
     accs = collect_hessians(run, consumers)
     hessians = {name: acc.hessian() for name, acc in accs.items()}
+    branch_consumers = {s.consumer: consumers[s.consumer] for s in structures if s.name in whole}
+    means = input_means(run, branch_consumers) if branch_consumers else {}
     curves: dict[str, LayerCurve] = {}
     for s in tqdm(structures, desc=f"structured curves ({cfg.method})", unit="module", leave=False):
         curves[s.name] = removal_curve(flattened_weight(consumers[s.consumer]), hessians[s.consumer], s,
-                                       limits[s.name], cfg)
-    return StructuredPlan(structures, consumers, hessians, curves, costs, unit, valid, total,
-                          (1.0 - cfg.target) * total, latency)
+                                       limits[s.name], cfg, means.get(s.consumer))
+    return StructuredPlan(structures, consumers, hessians, curves, costs, unit, savings, valid, total,
+                          (1.0 - cfg.target) * total, latency, means)
+
+
+def _floored(saved: torch.Tensor, unit: float) -> torch.Tensor:
+    """A timed savings curve with every count saving at least ``unit`` per group (the floor of
+    :func:`latency_units`), so a structure whose time did not fall still has a positive cost."""
+    return torch.maximum(saved, unit * torch.arange(len(saved), dtype=torch.float64))
 
 
 def measure_name(cfg: StructuredConfig) -> str:
@@ -175,15 +225,17 @@ def measure_name(cfg: StructuredConfig) -> str:
             "latency": f"measured latency at batch {cfg.latency_batch}"}[cfg.measure]
 
 
-def check_reachable(unit: dict[str, float], valid: dict[str, torch.Tensor], total: float,
+def check_reachable(savings: Savings, valid: dict[str, torch.Tensor], total: float,
                     cfg: StructuredConfig) -> None:
     """Refuse a target the structures cannot reach even at their limits, saying what the least reachable is."""
-    reachable = sum(unit[n] * int(v.nonzero().max()) for n, v in valid.items())
+    reachable = sum(float(savings[n][int(v.nonzero().max())]) for n, v in valid.items())
     least = 1.0 - reachable / total if total > 0 else 1.0
     if cfg.target < least - 1e-9:
         what = measure_name(cfg)
         hint = (" (the rest is the embedding, norms, head and per-call overhead; a larger structured.latency_batch "
                 "leaves less of it)" if cfg.measure == "latency" else "")
+        if not cfg.branches:
+            hint += "; structured.branches: true also lets whole attention / MLP branches of ViT blocks go"
         raise BudgetError(f"structured.target={cfg.target} keeps less of the {what} than removable structures allow: "
                           f"at structured.max_fraction={cfg.max_fraction} at least {least:.3f} stays{hint}; raise "
                           "the target or max_fraction")
@@ -204,10 +256,10 @@ def structure_curves(plan: StructuredPlan) -> dict[str, torch.Tensor]:
 def allocate(plan: StructuredPlan, model: nn.Module, inputs: list[torch.Tensor],
              cfg: StructuredConfig) -> Allocation:
     """Groups to remove per structure, as ``cfg.allocation`` says (see :class:`StructuredConfig`)."""
-    uniform = uniform_counts({s.name: s.groups for s in plan.structures}, plan.valid, plan.unit, plan.budget)
+    uniform = uniform_counts({s.name: s.groups for s in plan.structures}, plan.valid, plan.savings, plan.budget)
     if cfg.allocation == "uniform":
         return Allocation(uniform, "uniform")
-    layer_global = lagrangian_counts(structure_curves(plan), plan.unit, plan.budget)
+    layer_global = lagrangian_counts(structure_curves(plan), plan.savings, plan.budget)
     if cfg.allocation == "global":
         return Allocation(layer_global, "global")
     probe = OutputProbe(model, inputs, model_kind(model))
@@ -218,7 +270,9 @@ def allocate(plan: StructuredPlan, model: nn.Module, inputs: list[torch.Tensor],
             if k and (n, k) not in weights:
                 weights[(n, k)] = plan.trial_weight(n, k, cfg.damp, cfg.damp_mode)
         consumer = {s.name: s.consumer for s in plan.structures}
-        with trial_weights(plan.consumers, {consumer[n]: weights[(n, k)] for n, k in counts.items() if k}):
+        constants = {consumer[n]: c for n, k in counts.items() if k and (c := plan.trial_constant(n, k)) is not None}
+        with trial_weights(plan.consumers, {consumer[n]: weights[(n, k)] for n, k in counts.items() if k},
+                           constants):
             return probe.error()
 
     probes = probe_counts(uniform, plan.valid)
@@ -226,7 +280,7 @@ def allocate(plan: StructuredPlan, model: nn.Module, inputs: list[torch.Tensor],
     for s in tqdm(plan.structures, desc="structured output sensitivity", unit="module", leave=False):
         sensitivity[s.name] = error_of({s.name: probes[s.name]})
     scaled = output_scaled_curves(structure_curves(plan), probes, sensitivity)
-    calibrated = lagrangian_counts(scaled, plan.unit, plan.budget)
+    calibrated = lagrangian_counts(scaled, plan.savings, plan.budget)
     candidates = {"calibrated": calibrated, "global": layer_global, "uniform": uniform}
     errors = {name: error_of(counts) for name, counts in candidates.items()}
     chosen = min(errors, key=errors.__getitem__)
@@ -251,18 +305,37 @@ def prune_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: Structur
         consumer = plan.consumers[s.consumer]
         hessian = plan.hessians.pop(s.consumer)
         order = plan.curves[s.name].order[:counts[s.name]]
-        if cfg.mode == "sequential" and counts[s.name]:    # re-calibrated on the pruned modules before it
-            hessian = collect_hessians(run, {s.consumer: consumer})[s.consumer].hessian()
-            order = removal_curve(flattened_weight(consumer), hessian, s, counts[s.name], cfg).order
-        record = _apply(model, s, consumer, hessian, order, plan.costs[s.name], cfg, allocation.chosen)
+        mean = plan.means.get(s.consumer)
+        if counts[s.name] == s.groups:                 # the whole branch: no order to re-choose
+            if cfg.mode == "sequential":              # re-calibrated on the pruned modules before it
+                hessian = collect_hessians(run, {s.consumer: consumer})[s.consumer].hessian()
+                mean = input_means(run, {s.consumer: consumer})[s.consumer]
+            record = _remove_whole(model, s, consumer, hessian, mean, plan.costs[s.name], cfg, allocation.chosen)
+        else:
+            if cfg.mode == "sequential" and counts[s.name]:    # re-calibrated on the pruned modules before it
+                hessian = collect_hessians(run, {s.consumer: consumer})[s.consumer].hessian()
+                order = removal_curve(flattened_weight(consumer), hessian, s, counts[s.name], cfg).order
+            record = _apply(model, s, consumer, hessian, order, plan.costs[s.name], cfg, allocation.chosen)
         if plan.latency is not None:
             record.latency_per_group_us = 1e6 * plan.latency.per_group[s.name]
+            if s.name in plan.latency.branch:
+                record.latency_branch_us = 1e6 * plan.latency.branch[s.name]
         records.append(record)
-    saved = sum(plan.unit[n] * k for n, k in counts.items())
+    saved = sum(float(plan.savings[n][k]) for n, k in counts.items())
     predicted = " (predicted by the timed table)" if cfg.measure == "latency" else ""
     log.info("structured (%s, %s): kept %.1f%% of the %s%s", cfg.method, allocation.chosen,
              100 * (1 - saved / plan.total), measure_name(cfg), predicted)
     return records
+
+
+def _remove_whole(model: nn.Module, structure: Structure, consumer: nn.Module, hessian: torch.Tensor,
+                  mean: torch.Tensor, cost: GroupCost, cfg: StructuredConfig, allocation: str) -> StructureRecord:
+    """Replace the structure's whole branch by its mean output (:mod:`cap_dist.structured.branches`)."""
+    weight = flattened_weight(consumer)
+    rel = branch_relative_loss(weight, hessian, mean)
+    remove_branch(model, structure, branch_constant(weight, consumer.bias, mean))
+    return StructureRecord(structure.name, structure.kind, structure.consumer, structure.groups, 0, cfg.method,
+                           allocation, rel, cost.macs, cost.params)
 
 
 def _apply(model: nn.Module, structure: Structure, consumer: nn.Module, hessian: torch.Tensor,

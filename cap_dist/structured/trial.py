@@ -71,17 +71,24 @@ class OutputProbe:
 
 
 @contextmanager
-def trial_weights(consumers: Mapping[str, nn.Module], weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
+def trial_weights(consumers: Mapping[str, nn.Module], weights: Mapping[str, torch.Tensor],
+                  constants: Mapping[str, torch.Tensor] | None = None) -> Iterator[None]:
     """Write the flattened ``[out, in]`` ``weights`` into the named consumers for the ``with`` body, then put the
-    original weights back (also when the body raises)."""
-    unknown = set(weights) - set(consumers)
+    original weights back (also when the body raises). A consumer named in ``constants`` outputs that vector
+    (broadcast over its tokens) instead: a removed branch's mean output."""
+    constants = constants or {}
+    unknown = (set(weights) | set(constants)) - set(consumers)
     if unknown:
         raise KeyError(f"no consumer layer named {sorted(unknown)[:3]}")
     saved = {name: flattened_weight(consumers[name]).clone() for name in weights}
+    handles = [consumers[name].register_forward_hook(
+        lambda mod, args, out, c=c: c.to(out.dtype).expand_as(out)) for name, c in constants.items()]
     try:
         for name, w in weights.items():
             set_flattened_weight(consumers[name], w)
         yield
     finally:
+        for handle in handles:
+            handle.remove()
         for name, w in saved.items():
             set_flattened_weight(consumers[name], w)

@@ -38,3 +38,17 @@ def test_cli_exports_the_reduced_graph_and_ort_matches_torch(workdir: Path, caps
     with pytest.raises(DeployError, match="differs"):
         check_onnx(str(path), torch.nn.Sequential(model, torch.nn.Softplus()), (2, 3, 32, 32))
     assert Path(quantize_int8(str(path), str(path) + ".q")).exists()
+
+
+def test_removed_branches_export_and_ort_matches_torch(workdir: Path) -> None:
+    recipe = _recipe(workdir, "onnx-branches", sparsity=0.0)
+    recipe = recipe.model_copy(update={"structured": recipe.structured.model_copy(
+        update={"target": 0.45, "max_fraction": 0.5, "branches": True})})
+    prune(recipe)
+    model, manifest = load_sparse(recipe.output)
+    assert any(r["kept"] == 0 for r in manifest["structured"])
+    assert main(["onnx", recipe.output]) == 0
+    x = torch.randn(2, 3, 32, 32)
+    got = ort_session(str(Path(recipe.output, "model.onnx"))).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(got), model(x), atol=1e-4)

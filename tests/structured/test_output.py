@@ -80,3 +80,27 @@ def test_gradual_removes_structures_in_its_first_step_only(workdir: Path) -> Non
     later = ModelConfig(source=str(workdir / "vit"))
     assert _prune_recipe(recipe, later, 0.5, "x", first=True).structured == recipe.structured
     assert _prune_recipe(recipe, later, 0.5, "x", first=False).structured is None
+
+
+def test_whole_branches_removed_rebuild_and_compose_with_2_4(workdir: Path) -> None:
+    """structured.branches: a target beyond what half of every module allows removes whole attention / MLP
+    branches; the output records them (groups 0), rebuilds, and the 2:4 step prunes what remains."""
+    from cap_dist.models.structures import ConstantBranch
+
+    recipe = _recipe(workdir, "branches", pattern="2:4")
+    recipe = recipe.model_copy(update={"structured": recipe.structured.model_copy(
+        update={"target": 0.45, "max_fraction": 0.5, "branches": True})})
+    prune(recipe)
+    structured, manifest = load_sparse(str(Path(recipe.output, "structured")))
+    whole = [r["name"] for r in manifest["structured"] if r["kept"] == 0]
+    assert whole
+    shapes = json.loads((Path(recipe.output, "structured", "model.json")).read_text())["structured"]
+    assert all(shapes[n]["groups"] == 0 for n in whole)
+    assert all(isinstance(structured.get_submodule(n), ConstantBranch) for n in whole)
+    model, _ = load_sparse(recipe.output)
+    assert all(isinstance(model.get_submodule(n), ConstantBranch) for n in whole)
+    remaining = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.")]
+    assert remaining and len(whole) < len(manifest["structured"])
+    assert all(float((m.weight == 0).float().mean()) == pytest.approx(0.5) for m in remaining)
+    with torch.no_grad():
+        assert torch.isfinite(model(_images())).all()
