@@ -253,21 +253,12 @@ def refine_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, 
 
 ADMM_UPDATE_EVERY = 3
 ADMM_RHO = 0.03
-ADMM_GROWTH = (1.3, 1.2, 1.1)
-"""ρ's growth every ADMM_UPDATE_EVERY iterations when >10 %, >0.5 % or less of the support moved (ALPS's)."""
-ADMM_GROWTH_SLOW = (1.2, 1.1, 1.05)
-"""The slower growth used where iterations are cheap: ~1.5× the iterations, masks 1-3 % better
-(bench/peers.py: vit4mnist layers; at ALPS's schedule, a vit4mnist 2:4 layer stayed 0.1 % above ALPS)."""
-ADMM_SLOW_WORK = 1e7
-"""rows·in² at or below which a layer gets the slower growth: iterations there cost next to nothing (vit4mnist's
-layers are ≤ 1e6; EfficientNet-Lite0's conv_head 1.3e8 takes ALPS's schedule and stays below ALPS's error)."""
-ADMM_GROWTH_FAST = (1.5, 1.3, 1.1)
-"""The faster growth used where iterations are expensive: ~0.75× the iterations for masks 3-7 % worse, still
-below ALPS's error (bench/peers.py, the 768×3072 loud layer: 0.89-0.96× ALPS against 0.82-0.93×)."""
-ADMM_FAST_WORK = 2e9
-"""rows·in² at or above which a layer gets the faster growth: one iteration then costs about as much as the
-whole blocked greedy (4·rows·in² against rows·in·128² flops at in ≥ 2048) — ViT-B's fc2 (7e9), ViT-g's layers
-(6e10)."""
+ADMM_GROWTH = (1.2, 1.1, 1.05)
+"""ρ's growth every ADMM_UPDATE_EVERY iterations when >10 %, >0.5 % or less of the support moved: slower than ALPS's
+(1.3, 1.2, 1.1), ~1.5× its iterations for better masks on every layer measured. Faster growth was tried on wide
+layers to save iterations and lost there: on the 1536×6144 loud layer of bench/peers.py at 70 %, ALPS's growth
+ended at 1.02× ALPS's error and a faster one (1.5, 1.3, 1.1) at 1.43×, this one at 0.74× (84 iterations);
+on vit4mnist's layers ALPS's growth left a 2:4 layer 0.1 % above ALPS."""
 FLIP_SPARSE_FRACTION = 64
 """flip_order takes a sparse product when at most 1/this of the entries differ between the two supports."""
 ADMM_STOP = 3e-4
@@ -288,12 +279,6 @@ def admm_uses_explicit_inverse(rows: int, cols: int) -> bool:
     solves on a narrow layer: measured (one thread) on EfficientNet-Lite0, the explicit inverse is faster on
     conv_head (1280×320) and conv_pw (1152×192), the solves on conv_pwl (192×672) and the 768×3072 layer."""
     return cols < ADMM_UPDATE_EVERY * rows
-
-
-def admm_growth(rows: int, cols: int) -> tuple[float, float, float]:
-    """ρ's growth schedule for a layer: slower where iterations are cheap, faster where they are expensive."""
-    work = rows * cols * cols
-    return ADMM_GROWTH_SLOW if work <= ADMM_SLOW_WORK else ADMM_GROWTH_FAST if work >= ADMM_FAST_WORK else ADMM_GROWTH
 
 
 def admm_flops(rows: int, cols: int, iterations: int) -> float:
@@ -381,8 +366,8 @@ def admm_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, he
         B ← (Hₙ b₀ − V + ρD)(Hₙ + ρI)⁻¹,   Z = B + V/ρ,   D ← Π_sparse(Z),   V ← ρ(Z − D)
     (the last is V + ρ(B − D) written out; B is computed as b₀ + ρ(D − V/ρ − b₀)(Hₙ + ρI)⁻¹, as
     Hₙ(Hₙ + ρI)⁻¹ = I − ρ(Hₙ + ρI)⁻¹, with the scaled dual V/ρ: no product with Hₙ per iteration), with ρ
-    raised while the support moves (ALPS's schedule; slower where a layer's iterations are cheap, faster
-    where they are expensive: :func:`admm_growth`).  The linear step uses the Cholesky factor of Hₙ + ρI,
+    raised while the support moves (ALPS's schedule, grown more slowly: :data:`ADMM_GROWTH`).  The linear step
+    uses the Cholesky factor of Hₙ + ρI,
     computed again only when ρ changes: two triangular solves, or on layers with few inputs per output an
     explicit inverse from that factor (:func:`admm_uses_explicit_inverse`); no eigendecomposition (in float32
     on the 768×3072 bench layer it cost as much as ~10 iterations).  The start is the given solution and its exact dual (D = B = ŵ, V = −Hₙ(ŵ − w)), a fixed point for large ρ, so ADMM
@@ -428,7 +413,7 @@ def admm_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, he
         x = torch.linalg.solve_triangular(factor.mT, rhs, upper=True, left=False)
         return torch.linalg.solve_triangular(factor, x, upper=False, left=False)
 
-    growth = admm_growth(rows, cols)
+    growth = ADMM_GROWTH
     b = d
     new_mask = last_mask = keep
     it = -1

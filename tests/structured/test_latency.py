@@ -98,3 +98,19 @@ def test_an_unreachable_flops_target_names_the_least_reachable() -> None:
     model, inputs = _vit()
     with pytest.raises(BudgetError, match=r"keeps less of the MACs.*max_fraction=0.5 at least 0\.\d+ stays"):
         plan_structured(model, inputs, StructuredConfig(target=0.2, max_fraction=0.5))
+
+
+def test_whole_branches_are_timed_and_save_a_step_at_full_removal() -> None:
+    from cap_dist.structured.latency import LatencyTable
+
+    model, inputs = _vit()
+    structures = find_structures(model, ("mlp", "heads"), ())
+    table = measure_latency(model, structures, inputs, batch=1, branches=True)
+    assert set(table.branch) == {s.name for s in structures}
+    for s in structures:                  # at batch 1 a whole branch costs far more than its slope predicts
+        assert table.branch[s.name] > 0
+        assert table.branch[s.name] >= 0.5 * table.points[s.name][0][1], (s.name, table.branch[s.name])
+    assert measure_latency(model, structures, inputs, batch=1).branch == {}
+    steps = LatencyTable(1, 1.0, {"m": 0.01}, {"m": []}, {"m": 0.5})
+    assert steps.savings("m", 4, 4).tolist() == pytest.approx([0.0, 0.01, 0.02, 0.03, 0.5])
+    assert steps.savings("m", 4, 3).tolist() == pytest.approx([0.0, 0.01, 0.02, 0.03])   # not removable whole
