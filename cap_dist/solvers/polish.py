@@ -256,9 +256,10 @@ ADMM_RHO = 0.03
 ADMM_GROWTH = (1.2, 1.1, 1.05)
 """ρ's growth every ADMM_UPDATE_EVERY iterations when >10 %, >0.5 % or less of the support moved: slower than ALPS's
 (1.3, 1.2, 1.1), ~1.5× its iterations for better masks on every layer measured. Faster growth was tried on wide
-layers to save iterations and lost there: on the 1536×6144 loud layer of bench/peers.py at 70 %, ALPS's growth
-ended at 1.02× ALPS's error and a faster one (1.5, 1.3, 1.1) at 1.43×, this one at 0.74× (84 iterations);
-on vit4mnist's layers ALPS's growth left a 2:4 layer 0.1 % above ALPS."""
+layers to save iterations and lost there: on bench/peers.py's 1536×6144 loud layer at 70 % a faster one (1.5, 1.3,
+1.1) ended at 1.43× ALPS's error, this one at 0.75×; on a second draw of that layer ALPS's own growth stopped after
+51 iterations at 0.00883, this one after 84 at 0.00638. On vit4mnist's layers ALPS's growth left a 2:4 layer 0.1 %
+above ALPS."""
 FLIP_SPARSE_FRACTION = 64
 """flip_order takes a sparse product when at most 1/this of the entries differ between the two supports."""
 ADMM_STOP = 3e-4
