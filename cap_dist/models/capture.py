@@ -208,3 +208,31 @@ def capture_layer_inputs(model: nn.Module, layers: Mapping[str, nn.Module], batc
         raise ValueError(f"{len(silent)} layer(s) never ran in the forward pass: {', '.join(silent[:5])}; "
                          "leave them out of the layers to capture")
     return accumulators
+
+
+def input_means(run: Callable[[], object], layers: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Call ``run`` with forward pre-hooks that average each Linear layer's input over every token, in float64."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+    for name, layer in layers.items():
+        if not isinstance(layer, nn.Linear):
+            raise TypeError(f"{name}: a whole branch can be removed only where its consumer is a Linear layer, "
+                            f"not {type(layer).__name__}")
+
+        def hook(mod: nn.Module, args: tuple, name: str = name) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [n for n in layers if n not in sums]
+    if missing:
+        raise ValueError(f"the calibration pass never ran {missing[:3]}")
+    return {n: sums[n] / counts[n] for n in layers}

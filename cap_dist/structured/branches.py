@@ -7,44 +7,13 @@ carried: ``‖W(X − μ1ᵀ)‖²/N = ‖WX‖²/N − ‖Wμ‖²``. Divided b
 of the structure's relative loss curve; the greedy's points before it keep the bias as it is, so a branch whose
 output is mostly its mean can cost less removed whole than nearly whole — the allocation sees both.
 
-    means = input_means(run, {"blocks.0.attn.proj": proj})
+    means = input_means(run, {"blocks.0.attn.proj": proj})      # cap_dist.models.capture
     c = branch_constant(proj.weight, proj.bias, means["blocks.0.attn.proj"])
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-
 import torch
-from torch import nn
-
-
-def input_means(run: Callable[[], object], layers: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """Call ``run`` with forward pre-hooks that average each Linear layer's input over every token, in float64."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    handles = []
-    for name, layer in layers.items():
-        if not isinstance(layer, nn.Linear):
-            raise TypeError(f"{name}: a whole branch can be removed only where its consumer is a Linear layer, "
-                            f"not {type(layer).__name__}")
-
-        def hook(mod: nn.Module, args: tuple, name: str = name) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-
-        handles.append(layer.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [n for n in layers if n not in sums]
-    if missing:
-        raise ValueError(f"the calibration pass never ran {missing[:3]}")
-    return {n: sums[n] / counts[n] for n in layers}
 
 
 def branch_constant(weight: torch.Tensor, bias: torch.Tensor | None, mean_input: torch.Tensor) -> torch.Tensor:

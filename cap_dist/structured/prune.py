@@ -19,14 +19,14 @@ from tqdm.auto import tqdm
 
 from cap_dist.config import StructuredConfig
 from cap_dist.models.kind import model_kind
-from cap_dist.models.capture import collect_hessians, flattened_weight, set_flattened_weight
+from cap_dist.models.capture import collect_hessians, flattened_weight, input_means, set_flattened_weight
 from cap_dist.models.structures import Structure, branch_norm, find_structures, remove_branch, remove_groups
 from cap_dist.solvers.numerics import layer_energy
 from cap_dist.solvers.structured import (damped_inverse, greedy_group_obs, group_loss, magnitude_group_scores,
                                          oneshot_group_scores, solve_kept_columns)
 from cap_dist.structured.allocate import (BudgetError, Savings, lagrangian_counts, linear_savings,
                                           output_scaled_curves, probe_counts, uniform_counts)
-from cap_dist.structured.branches import branch_constant, branch_relative_loss, input_means
+from cap_dist.structured.branches import branch_constant, branch_relative_loss
 from cap_dist.structured.costs import GroupCost, group_costs, module_macs, total_params
 from cap_dist.structured.latency import LatencyTable, measure_latency
 from cap_dist.structured.trial import OutputProbe, trial_weights

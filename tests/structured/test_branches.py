@@ -12,7 +12,8 @@ from timm.models.vision_transformer import VisionTransformer
 from cap_dist.config import StructuredConfig
 from cap_dist.models.structures import (ConstantBranch, StructureError, apply_structure_shapes, branch_norm,
                                         find_structures, infer_structure_shapes, remove_branch, removed_branches)
-from cap_dist.structured.branches import branch_constant, branch_relative_loss, input_means
+from cap_dist.models.capture import input_means
+from cap_dist.structured.branches import branch_constant, branch_relative_loss
 from cap_dist.structured.prune import prune_structured
 
 
