@@ -137,19 +137,23 @@ def collect_hessians(run: Callable[[], object], layers: Mapping[str, nn.Module],
         accs = {name: HessianAccumulator(layer_columns(m), float64=float64, device=m.weight.device,
                                          float32_products=float32_products)
                 for name, m in layers.items()}
-    handles = []
-    for name, module in layers.items():
-        def hook(mod: nn.Module, args: tuple, acc: HessianAccumulator = accs[name]) -> None:
-            fold_layer_input(acc, mod, args[0].detach())
+    run_with_input_hooks(run, {name: (module, lambda mod, x, acc=accs[name]: fold_layer_input(acc, mod, x))
+                               for name, module in layers.items()})
+    return accs
 
-        handles.append(module.register_forward_pre_hook(hook))
+
+def run_with_input_hooks(run: Callable[[], object],
+                         hooks: Mapping[str, tuple[nn.Module, Callable[[nn.Module, torch.Tensor], None]]]) -> None:
+    """Call ``run`` (no grad) with a forward pre-hook on each named module that hands ``fn(module, input)`` the
+    module's first input, detached; the hooks are removed afterwards, also when ``run`` raises."""
+    handles = [module.register_forward_pre_hook(lambda mod, args, fn=fn: fn(mod, args[0].detach()))
+               for module, fn in hooks.values()]
     try:
         with torch.no_grad():
             run()
     finally:
         for handle in handles:
             handle.remove()
-    return accs
 
 
 def _float64_accumulator(columns: int) -> HessianAccumulator:
@@ -211,27 +215,21 @@ def capture_layer_inputs(model: nn.Module, layers: Mapping[str, nn.Module], batc
 
 
 def input_means(run: Callable[[], object], layers: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """Call ``run`` with forward pre-hooks that average each Linear layer's input over every token, in float64."""
+    """Call ``run`` with forward pre-hooks that average each Linear layer's input over every token, in float64
+    (``run`` may itself capture more, e.g. :func:`collect_hessians`, so one pass serves both)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    handles = []
     for name, layer in layers.items():
         if not isinstance(layer, nn.Linear):
             raise TypeError(f"{name}: a whole branch can be removed only where its consumer is a Linear layer, "
                             f"not {type(layer).__name__}")
 
-        def hook(mod: nn.Module, args: tuple, name: str = name) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
+    def add(name: str, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1]).double()
+        sums[name] = sums.get(name, 0) + rows.sum(0)
+        counts[name] = counts.get(name, 0) + rows.shape[0]
 
-        handles.append(layer.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_input_hooks(run, {n: (layer, lambda mod, x, n=n: add(n, x)) for n, layer in layers.items()})
     missing = [n for n in layers if n not in sums]
     if missing:
         raise ValueError(f"the calibration pass never ran {missing[:3]}")

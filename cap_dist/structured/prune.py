@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -201,16 +202,28 @@ def plan_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: Structure
         for x in inputs:
             model(x)
 
-    accs = collect_hessians(run, consumers)
-    hessians = {name: acc.hessian() for name, acc in accs.items()}
-    branch_consumers = {s.consumer: consumers[s.consumer] for s in structures if s.name in whole}
-    means = input_means(run, branch_consumers) if branch_consumers else {}
+    hessians, means = hessians_and_means(run, consumers, {s.consumer for s in structures if s.name in whole})
     curves: dict[str, LayerCurve] = {}
     for s in tqdm(structures, desc=f"structured curves ({cfg.method})", unit="module", leave=False):
         curves[s.name] = removal_curve(flattened_weight(consumers[s.consumer]), hessians[s.consumer], s,
                                        limits[s.name], cfg, means.get(s.consumer))
     return StructuredPlan(structures, consumers, hessians, curves, costs, unit, savings, valid, total,
                           (1.0 - cfg.target) * total, latency, means)
+
+
+def hessians_and_means(run: Callable[[], object], consumers: dict[str, nn.Module],
+                       with_means: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every consumer's input Hessian and, for those in ``with_means`` (removable branches), its mean input, from
+    one calibration pass (both captures hook the same run)."""
+    accs = {}
+
+    def capture() -> None:
+        accs.update(collect_hessians(run, consumers))
+
+    means = input_means(capture, {n: consumers[n] for n in with_means}) if with_means else {}
+    if not with_means:
+        capture()
+    return {name: acc.hessian() for name, acc in accs.items()}, means
 
 
 def _floored(saved: torch.Tensor, unit: float) -> torch.Tensor:
@@ -308,8 +321,8 @@ def prune_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: Structur
         mean = plan.means.get(s.consumer)
         if counts[s.name] == s.groups:                 # the whole branch: no order to re-choose
             if cfg.mode == "sequential":              # re-calibrated on the pruned modules before it
-                hessian = collect_hessians(run, {s.consumer: consumer})[s.consumer].hessian()
-                mean = input_means(run, {s.consumer: consumer})[s.consumer]
+                h, m = hessians_and_means(run, {s.consumer: consumer}, {s.consumer})
+                hessian, mean = h[s.consumer], m[s.consumer]
             record = _remove_whole(model, s, consumer, hessian, mean, plan.costs[s.name], cfg, allocation.chosen)
         else:
             if cfg.mode == "sequential" and counts[s.name]:    # re-calibrated on the pruned modules before it
