@@ -55,7 +55,8 @@ def solve_layer(name: str, stage: str, module: nn.Module, curvature: torch.Tenso
     sparsity = level_with_prior(sparsity, prior, cfg)
     res = prune_layer(weight, curvature.to(weight.device, torch.float32), method=cfg.method, sparsity=sparsity,
                       pattern=cfg.pattern, block_size=cfg.cap_block if cfg.method == "cap" else cfg.sweep_block,
-                      damp=cfg.damp, prior_mask=prior, damp_mode=cfg.method_damp_mode, **cfg.polish)
+                      damp=cfg.damp, prior_mask=prior, damp_mode=cfg.method_damp_mode, loss_curve=False,
+                      **cfg.polish)
     record = LayerRecord(layer=name, stage=stage, rows=weight.shape[0], columns=weight.shape[1],
                          numel=weight.numel(), target_sparsity=sparsity, sparsity=res.sparsity, loss=res.loss,
                          rel_error=res.relative_error, seconds=res.info["seconds"],

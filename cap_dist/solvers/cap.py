@@ -79,10 +79,51 @@ def forced_prefix(prior_block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return prefix, prior_block.sum(1)
 
 
+def _forced_first(step: torch.Tensor, n_pre: torch.Tensor | None) -> torch.Tensor:
+    """Ranking keys of the (row, step) removals: the step losses, with every forced (prior) removal first."""
+    if n_pre is None:
+        return step
+    forced = torch.arange(step.shape[1], device=step.device).unsqueeze(0) < n_pre.to(step.device).unsqueeze(1)
+    return torch.where(forced, torch.full_like(step, -math.inf), step)
+
+
+def _search_as_deep_as_needed(search, block: torch.Tensor, hinv: torch.Tensor, which: torch.Tensor, depth: int,
+                              least: int, share: int, prefix: torch.Tensor | None,
+                              n_pre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The block's greedy search and row allocation, as if every row were searched to ``depth``, but
+    searching most rows only part of the way (when no loss curve is wanted, steps no row takes are waste).
+
+    Every row is searched to a shallower depth first, halfway between the mean count ``least`` and
+    ``depth``, and the block's ``share`` is allocated.  Rows whose count reached that depth are searched
+    again to ``depth`` (their first steps replayed as a forced prefix: the same arithmetic, the same order and
+    losses) and the allocation is repeated.  This equals the allocation over full searches: a row that stops
+    short of the shallow depth does not take its next step, whose ranking key (the running maximum of its
+    losses) bounds every later one of that row, and extending other rows can only lower its count.
+    Returns order, step losses (steps not searched are +inf) and counts."""
+    dev = block.device
+    shallow = min(depth, least + max(4, (depth - least) // 2))
+    order, step = search(block, hinv, which, shallow, prefix=prefix, prefix_counts=n_pre)
+    order, step = order.to(dev), step.to(dev)
+    counts = allocate_rows(_forced_first(step, n_pre), share)
+    if shallow == depth:
+        return order, step, counts
+    deeper = torch.nonzero(counts >= shallow).flatten()
+    order = torch.cat([order, torch.zeros(order.shape[0], depth - shallow, dtype=order.dtype, device=dev)], 1)
+    step = torch.cat([step, torch.full((step.shape[0], depth - shallow), math.inf, dtype=step.dtype,
+                                       device=dev)], 1)
+    if deeper.numel() == 0:
+        return order, step, counts
+    rows_prefix = torch.full((deeper.numel(),), shallow, dtype=torch.long)
+    more_order, more_step = search(block[deeper], hinv, which[deeper], depth,
+                                   prefix=order[deeper, :shallow].cpu(), prefix_counts=rows_prefix)
+    order[deeper], step[deeper] = more_order.to(dev), more_step.to(dev)
+    return order, step, allocate_rows(_forced_first(step, n_pre), share)
+
+
 def cap_activation(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern,
                    block_size: int | None, damp: float, backend: str = "auto",
                    max_row_sparsity: float | None = None, prior: torch.Tensor | None = None,
-                   damp_mode: str = "relative") -> dict:
+                   damp_mode: str = "relative", loss_curve: bool = True) -> dict:
     """CAP with an input Hessian [in, in]; returns the fields of a LayerResult (without energy).
 
     ``prior`` (bool [out, in], True = already pruned): weights that must end pruned (gradual pruning keeps
@@ -110,7 +151,8 @@ def cap_activation(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
     removal_step = torch.full((rows, cols), -1, dtype=torch.long, device=weight.device)
     zeros_which = torch.zeros(rows, dtype=torch.long, device=weight.device)
     depth_all = search_depth(width, sparsity, max_row_sparsity)
-    curve = None if pattern.structured else _CurveAccumulator(depth_all / width, rows * cols, sparsity)
+    curve = (None if pattern.structured or not loss_curve
+             else _CurveAccumulator(depth_all / width, rows * cols, sparsity))
     removed = 0
     for j0 in range(0, cols, width):
         j1 = min(j0 + width, cols)
@@ -131,17 +173,18 @@ def cap_activation(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
             share = prune_count(rows * j1, sparsity) - removed             # exact cumulative share
             forced_total = int(n_pre.sum()) if n_pre is not None else 0
             share = max(share, forced_total)
-            depth = min(b, max(search_depth(b, sparsity, max_row_sparsity), math.ceil(share / rows),
-                               int(n_pre.max()) if n_pre is not None else 0))
-            order, step = search(block, hinv_bb, zeros_which, depth, prefix=prefix, prefix_counts=n_pre)
-            order, step = order.to(dev), step.to(dev)
-            key = step
-            if n_pre is not None:                                           # forced removals rank first
-                forced = torch.arange(depth, device=dev).unsqueeze(0) < n_pre.to(dev).unsqueeze(1)
-                key = torch.where(forced, torch.full_like(step, -math.inf), step)
-            ranked = removal_order(key)
-            counts = allocate_rows(key, share, ranked)
-            curve.add_block(step, ranked, rows * b)
+            least = max(math.ceil(share / rows), int(n_pre.max()) if n_pre is not None else 0)
+            depth = min(b, max(search_depth(b, sparsity, max_row_sparsity), least))
+            if curve is None:
+                order, step, counts = _search_as_deep_as_needed(search, block, hinv_bb, zeros_which, depth, least,
+                                                                share, prefix, n_pre)
+            else:
+                order, step = search(block, hinv_bb, zeros_which, depth, prefix=prefix, prefix_counts=n_pre)
+                order, step = order.to(dev), step.to(dev)
+                key = _forced_first(step, n_pre)
+                ranked = removal_order(key)
+                counts = allocate_rows(key, share, ranked)
+                curve.add_block(step, ranked, rows * b)
         removed += int(counts.sum())
         new_block = replay(block, hinv_bb, zeros_which, order, counts).to(device=dev, dtype=work)
         taken = torch.arange(order.shape[1], device=dev).unsqueeze(0) < counts.unsqueeze(1)   # [rows, depth]

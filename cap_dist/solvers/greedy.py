@@ -43,10 +43,15 @@ def _greedy_kernel(weights, hinv, which, depth, group, group_prune, order, step_
         for i in range(width):
             diag[i] = h[i, i]
         removed = np.zeros((depth, width), dtype=weights.dtype)   # c_t / sqrt(d_t)
-        alive = np.ones(width, dtype=np.bool_)
+        # +inf once a weight is removed or its N:M group is full: its score can no longer be the minimum.
+        barred = np.zeros(width, dtype=weights.dtype)
+        score = np.empty(width, dtype=weights.dtype)
         n_groups = width // group if group > 0 else 1
         budget = np.full(n_groups, group_prune, dtype=np.int64)
         steps = counts[r] if forced else depth
+        if not forced:
+            for i in range(width):
+                score[i] = w[i] * w[i] / diag[i]
         c = np.empty(width, dtype=weights.dtype)
         for t in range(steps):
             if forced or t < prefix_counts[r]:
@@ -54,21 +59,33 @@ def _greedy_kernel(weights, hinv, which, depth, group, group_prune, order, step_
             else:
                 best = np.inf
                 p = -1
-                for i in range(width):
-                    if alive[i] and (group == 0 or budget[i // group] > 0):
-                        score = w[i] * w[i] / diag[i]
-                        if score < best or p < 0:
-                            best = score
+                for i in range(width):       # scores are kept current by the update below: a plain scan
+                    if score[i] < best:
+                        best = score[i]
+                        p = i
+                if p < 0:                    # every allowed score is inf or NaN (degenerate curvature)
+                    for i in range(width):
+                        if barred[i] == 0.0:
                             p = i
+                            break
                 order[r, t] = p
-            # column p of the downdated inverse: H⁻¹[:, p] − Σ_s removed_s · removed_s[p]
+            # column p of the downdated inverse: H⁻¹[:, p] − Σ_s removed_s · removed_s[p], four terms per pass
+            # over c (one load and store of c per four products instead of per product)
             for i in range(width):
                 c[i] = h[p, i]
-            for s in range(t):
+            s = 0
+            while s + 4 <= t:
+                f0, f1, f2, f3 = removed[s, p], removed[s + 1, p], removed[s + 2, p], removed[s + 3, p]
+                r0, r1, r2, r3 = removed[s], removed[s + 1], removed[s + 2], removed[s + 3]
+                for i in range(width):
+                    c[i] -= (f0 * r0[i] + f1 * r1[i]) + (f2 * r2[i] + f3 * r3[i])
+                s += 4
+            while s < t:
                 f = removed[s, p]
-                if f != 0.0:
-                    for i in range(width):
-                        c[i] -= f * removed[s, i]
+                rs = removed[s]
+                for i in range(width):
+                    c[i] -= f * rs[i]
+                s += 1
             d = c[p]
             coef = w[p] / d
             if not forced:
@@ -79,9 +96,16 @@ def _greedy_kernel(weights, hinv, which, depth, group, group_prune, order, step_
                 removed[t, i] = c[i] * scale
                 diag[i] -= c[i] * c[i] / d
             w[p] = 0.0
-            alive[p] = False
+            barred[p] = np.inf
             if group > 0:
-                budget[p // group] -= 1
+                g = p // group
+                budget[g] -= 1
+                if budget[g] == 0:
+                    for i in range(g * group, (g + 1) * group):
+                        barred[i] = np.inf
+            if not forced:
+                for i in range(width):
+                    score[i] = w[i] * w[i] / diag[i] + barred[i]
         if forced:
             for i in range(width):
                 out[r, i] = w[i]

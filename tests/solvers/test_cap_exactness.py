@@ -109,3 +109,36 @@ def test_fisher_blocks_equal_brute_force_greedy_per_block() -> None:
         k = int((~res.mask[b]).sum())
         _, expected = brute_force_greedy_obs(w[b], fisher[b], k)
         torch.testing.assert_close(res.weight[b], expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("with_prior", [False, True])
+def test_search_without_loss_curve_gives_the_same_result(backend: str, with_prior: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a loss curve the greedy searches blocks only as deep as their allocation needs and extends
+    rows that reach that depth: the masks and weights must be those of the full-depth search. Row scales
+    spread over 30× make the quiet rows take most removals, so rows do reach the shallow depth."""
+    from cap_dist.solvers import cap, greedy
+
+    w, _, h = correlated_problem(rows=24, cols=64, samples=600, seed=11)
+    w = w * torch.logspace(-1, 0.5, 24, dtype=w.dtype).unsqueeze(1)
+    prior = (torch.rand(24, 64, generator=torch.Generator().manual_seed(3)) < 0.15) if with_prior else None
+    extended = []
+    for name in ("greedy_numba", "greedy_torch"):
+        original = getattr(greedy, name)
+
+        def spy(weights, *args, _original=original, **kwargs):
+            if kwargs.get("prefix") is not None and weights.shape[0] < 24:
+                extended.append(weights.shape[0])
+            return _original(weights, *args, **kwargs)
+        monkeypatch.setattr(greedy, name, spy)
+    assert cap.greedy_kernels(backend, w.device)[0] is getattr(greedy, f"greedy_{backend}")
+    full = prune_layer(w, h, method="cap", sparsity=0.5, block_size=32, backend=backend, prior_mask=prior)
+    assert full.curve is not None and not extended
+    lean = prune_layer(w, h, method="cap", sparsity=0.5, block_size=32, backend=backend, prior_mask=prior,
+                       loss_curve=False)
+    assert extended, "no row reached the shallow depth: the test no longer covers the extension"
+    assert lean.curve is None
+    assert torch.equal(lean.mask, full.mask)
+    assert torch.equal(lean.weight, full.weight)
+    assert lean.loss == full.loss
