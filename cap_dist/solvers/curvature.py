@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cap_dist.solvers.numerics import SYMMETRIC_BLOCK, add_lower_gram, mirror_lower
+
 
 def _accumulation_dtype(float64: bool) -> torch.dtype:
     return torch.float64 if float64 else torch.float32
@@ -56,6 +58,7 @@ class HessianAccumulator:
         self.sum = torch.zeros(self.columns, self.columns, dtype=_accumulation_dtype(self.float64),
                                device=self.device)
         self.count = 0
+        self._mirrored = True
 
     def add_rows(self, rows: torch.Tensor) -> None:
         """Fold in samples given as rows: ``[samples, columns]``."""
@@ -64,17 +67,30 @@ class HessianAccumulator:
         # Converted to the sum's precision a slice at a time: a float64 copy of a whole batch of tokens
         # (1576 × 3072 for one ViT-B batch of 8) is a transient as large as a Hessian, for no gain in speed.
         if self.float32_products and self.sum.dtype == torch.float64:
-            product = torch.empty(self.columns, self.columns, device=self.sum.device)   # one scratch for all chunks
-            for start in range(0, rows.shape[0], FLOAT32_PRODUCT_ROWS):
-                x = rows[start:start + FLOAT32_PRODUCT_ROWS].to(device=self.sum.device, dtype=torch.float32)
-                torch.mm(x.T, x, out=product)
-                self.sum += product
+            dtype, step = torch.float32, FLOAT32_PRODUCT_ROWS
         else:
+            dtype = self.sum.dtype
             step = max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // (self.columns * self.sum.element_size()))
-            for start in range(0, rows.shape[0], step):
-                x = rows[start:start + step].to(device=self.sum.device, dtype=self.sum.dtype)
+        banded = self.columns >= 2 * SYMMETRIC_BLOCK
+        scratch = torch.empty(min(SYMMETRIC_BLOCK, self.columns) * self.columns if banded else 0, dtype=dtype,
+                              device=self.sum.device)                     # one scratch for all chunks
+        for start in range(0, rows.shape[0], step):
+            x = rows[start:start + step].to(device=self.sum.device, dtype=dtype)
+            if banded:                       # the lower blocks only; the upper ones are mirrored when H is read
+                add_lower_gram(self.sum, x, scratch, SYMMETRIC_BLOCK)
+                self._mirrored = False
+            elif dtype == self.sum.dtype:
                 self.sum.addmm_(x.T, x)
+            else:
+                self.sum += x.T @ x
         self.count += rows.shape[0]
+
+    def _settle(self) -> torch.Tensor:
+        """The running sum with its upper blocks filled in from the lower ones (see :meth:`add_rows`)."""
+        if not self._mirrored:
+            mirror_lower(self.sum, SYMMETRIC_BLOCK)
+            self._mirrored = True
+        return self.sum
 
     def add_linear_input(self, inputs: torch.Tensor) -> None:
         """Fold in the input of a Linear layer, any leading shape ``[..., in]`` (all tokens count)."""
@@ -96,7 +112,8 @@ class HessianAccumulator:
         """Fold another accumulator of the same layer into this one (exact)."""
         if other.columns != self.columns:
             raise ValueError(f"cannot merge Hessians of widths {self.columns} and {other.columns}")
-        self.sum += other.sum.to(device=self.sum.device, dtype=self.sum.dtype)
+        self._settle()
+        self.sum += other._settle().to(device=self.sum.device, dtype=self.sum.dtype)
         self.count += other.count
         return self
 
@@ -104,7 +121,7 @@ class HessianAccumulator:
         """H = 2/N Σ x xᵀ."""
         if self.count == 0:
             raise ValueError("no calibration samples were accumulated for this layer")
-        return self.sum * (2.0 / self.count)
+        return self._settle() * (2.0 / self.count)
 
     def take_hessian(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """H = 2/N Σ x xᵀ, scaled in place in the running sum and handed over; the accumulator is empty after.
@@ -117,12 +134,12 @@ class HessianAccumulator:
             raise ValueError("no calibration samples were accumulated for this layer")
         if self.sum is None:
             raise ValueError("this accumulator's Hessian was already taken")
-        h = self.sum.mul_(2.0 / self.count)
+        h = self._settle().mul_(2.0 / self.count)
         self.sum = None                  # type: ignore[assignment]
         return h if dtype is None else h.to(dtype)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"sum": self.sum, "count": torch.tensor(self.count)}
+        return {"sum": self._settle(), "count": torch.tensor(self.count)}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "HessianAccumulator":

@@ -179,13 +179,71 @@ def upper_cholesky(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(matrix, upper=True)
 
 
+SYMMETRIC_BLOCK = 256
+"""Columns per block of the products with a symmetric matrix (:func:`add_lower_gram`,
+:func:`row_quadratic_forms`): from two blocks on, only the blocks on and below the diagonal are multiplied.
+Measured against the whole product (one thread): XᵀX of 1,024 samples 0.46-0.61× the time at n = 1,536 and
+0.57-0.59× at n = 4,096; wider blocks lose (0.58-0.75×)."""
+
+
+def add_lower_gram(total: torch.Tensor, x: torch.Tensor, scratch: torch.Tensor,
+                   block: int = SYMMETRIC_BLOCK) -> None:
+    """``total += xᵀx`` on the blocks on and below the diagonal only (about half the flops of the product):
+    for every band of rows i:j of the ``block``-wide partition, ``total[i:j, :j] += x[:, i:j]ᵀ x[:, :j]``.
+
+    The rest of ``total`` is not touched: :func:`mirror_lower` fills it once, when the sum is read.
+    ``scratch`` is a flat buffer of at least ``block × n`` elements in the product's dtype (x's): each band's
+    product is formed there and added to ``total`` in its dtype (float32 products into a float64 sum)."""
+    n = x.shape[1]
+    for i in range(0, n, block):
+        j = min(i + block, n)
+        band = scratch[:(j - i) * j].view(j - i, j)
+        torch.mm(x[:, i:j].T, x[:, :j], out=band)
+        total[i:j, :j] += band
+
+
+def mirror_lower(matrix: torch.Tensor, block: int = SYMMETRIC_BLOCK) -> None:
+    """Make ``matrix`` symmetric from its lower triangle, in place, a band at a time (no n×n temporary).
+
+    The upper halves of the diagonal blocks are replaced too, so the result is exactly symmetric (a
+    product's own diagonal block need not be, bit for bit)."""
+    n = matrix.shape[0]
+    for i in range(0, n, block):
+        j = min(i + block, n)
+        if i:
+            matrix[:i, i:j] = matrix[i:j, :i].T
+        diagonal = matrix[i:j, i:j]
+        diagonal.copy_(torch.tril(diagonal) + torch.tril(diagonal, -1).T)
+
+
+def row_quadratic_forms(a: torch.Tensor, h: torch.Tensor, block: int = SYMMETRIC_BLOCK) -> torch.Tensor:
+    """``a_r H a_rᵀ`` for every row r of ``a`` (in H's dtype), reading only H's lower triangle, as the
+    Cholesky factorisations do (H symmetric).
+
+    With H split into blocks, ``Σ_IJ a_I H_IJ a_Jᵀ = Σ_I a_I H_II a_Iᵀ + 2·Σ_{J<I} a_I H_IJ a_Jᵀ``: the
+    products cover the blocks on and below the diagonal, about half the flops of ``((a @ H) * a).sum(1)``
+    (the energy and the loss of every solved layer, and the re-solve's guard, each cost one such product)."""
+    a = a.to(h.dtype)
+    n = h.shape[0]
+    if n < 2 * block:
+        return ((a @ h) * a).sum(1)
+    out = torch.zeros(a.shape[0], dtype=h.dtype, device=h.device)
+    for i in range(0, n, block):
+        j = min(i + block, n)
+        band = a[:, i:j] @ h[i:j, :j]
+        out += (band[:, i:j] * a[:, i:j]).sum(1)
+        if i:
+            out += 2.0 * (band[:, :i] * a[:, :i]).sum(1)
+    return out
+
+
 def layer_energy(weight: torch.Tensor, hessian: torch.Tensor) -> float:
     """½·tr(W H Wᵀ) = ‖WX‖²/N for H = 2/N XXᵀ: the dense layer's output energy."""
     w = weight.to(hessian.dtype)
     if hessian.ndim == 3:
         blocks = w.reshape(hessian.shape[0], hessian.shape[1])
         return 0.5 * float(torch.einsum("bi,bij,bj->", blocks, hessian, blocks))
-    return 0.5 * float(((w @ hessian) * w).sum())
+    return 0.5 * float(row_quadratic_forms(w, hessian).sum())
 
 
 def quadratic_loss(delta: torch.Tensor, hessian: torch.Tensor) -> float:

@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from cap_dist.solvers.numerics import blocked_cholesky, damped
+from cap_dist.solvers.numerics import blocked_cholesky, damped, row_quadratic_forms
 from cap_dist.solvers.patterns import Pattern, allocate_rows, n_m_mask, removal_order
 
 RESOLVE_TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
@@ -47,8 +47,7 @@ ADMM_TYPICAL_ITERATIONS = 45
 
 def row_objective(dense: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     """(w_r − ŵ_r) H (w_r − ŵ_r)ᵀ for every row: the per-row layer objective on ``hessian``."""
-    e = dense.to(hessian.dtype) - weight.to(hessian.dtype)
-    return ((e @ hessian) * e).sum(1)
+    return row_quadratic_forms(dense.to(hessian.dtype) - weight.to(hessian.dtype), hessian)
 
 
 def damped_curvature(hessian: torch.Tensor, damp: float, damp_mode: str, dtype: torch.dtype) -> torch.Tensor:

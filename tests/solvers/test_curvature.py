@@ -127,3 +127,47 @@ def test_float32_products_reach_the_accumulators_from_the_recipe() -> None:
     accs = collect_hessians(lambda: layer(torch.randn(5, 8)), {"l": layer}, float32_products=True)
     assert accs["l"].float32_products and accs["l"].sum.dtype == torch.float64
     assert not collect_hessians(lambda: layer(torch.randn(5, 8)), {"l": layer})["l"].float32_products
+
+
+@pytest.mark.parametrize("float32_products", [False, True])
+def test_banded_products_equal_the_whole_product_and_merge_before_mirroring(monkeypatch,
+                                                                           float32_products: bool) -> None:
+    """Wide layers form only the lower blocks of XᵀX and mirror them when H is read: H must equal the
+    whole product (and be exactly symmetric) through merge, state_dict and take_hessian, including widths
+    that are not a multiple of the block."""
+    from cap_dist.solvers import curvature
+
+    monkeypatch.setattr(curvature, "SYMMETRIC_BLOCK", 8)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 21, generator=g, dtype=torch.float64) * torch.linspace(0.5, 8.0, 21, dtype=torch.float64)
+    expected = 2.0 / 50 * x.T @ x
+    tol = dict(rtol=1e-6, atol=1e-6) if float32_products else dict(rtol=1e-12, atol=1e-12)
+    a = HessianAccumulator(21, float64=True, float32_products=float32_products)
+    b = HessianAccumulator(21, float64=True, float32_products=float32_products)
+    a.add_rows(x[:30])
+    b.add_rows(x[30:])
+    assert not torch.equal(a.sum, a.sum.T), "the banded path was not taken"
+    merged = a.merge(b)
+    h = merged.hessian()
+    torch.testing.assert_close(h, expected, **tol)
+    assert torch.equal(h, h.T)
+    state = merged.state_dict()["sum"]
+    assert torch.equal(state, state.T)
+    torch.testing.assert_close(merged.take_hessian(), expected, **tol)
+
+
+def test_row_quadratic_forms_read_the_lower_triangle_in_blocks() -> None:
+    from cap_dist.solvers.numerics import add_lower_gram, mirror_lower, row_quadratic_forms
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 23, generator=g, dtype=torch.float64)
+    h = x.T @ x
+    a = torch.randn(5, 23, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(row_quadratic_forms(a, h, block=4), ((a @ h) * a).sum(1), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(row_quadratic_forms(a, h, block=64), ((a @ h) * a).sum(1), rtol=1e-12, atol=1e-10)
+    total = torch.zeros(23, 23, dtype=torch.float64)
+    add_lower_gram(total, x, torch.empty(4 * 23, dtype=torch.float64), block=4)
+    assert torch.equal(torch.triu(total, 4), torch.zeros_like(total))      # above the diagonal blocks: untouched
+    mirror_lower(total, block=4)
+    torch.testing.assert_close(total, h, rtol=1e-12, atol=1e-10)
+    assert torch.equal(total, total.T)
