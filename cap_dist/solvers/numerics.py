@@ -109,19 +109,23 @@ def damped(hessian: torch.Tensor, damp: float, mode: str = "relative") -> tuple[
     return h, lam, n_dead
 
 
-def cholesky_inverse_escalating(hessian: torch.Tensor, damp: float,
-                                work_dtype: torch.dtype | None = None, mode: str = "relative") -> Factorization:
-    """(damped H)⁻¹ via Cholesky, multiplying the damping by 10 on failure (logged, recorded)."""
+def cholesky_escalating(hessian: torch.Tensor, damp: float, work_dtype: torch.dtype | None = None,
+                        mode: str = "relative", reverse: bool = False) -> tuple[torch.Tensor, Factorization]:
+    """Lower Cholesky factor of the damped H (of J·H·J, J reversing the order of the inputs, with
+    ``reverse``), multiplying the damping by 10 on failure (logged, recorded); the Factorization holds no
+    inverse."""
     work_dtype = work_dtype or (torch.float64 if hessian.dtype == torch.float64 else torch.float32)
     base = hessian.to(work_dtype)
     current = damp
     notes: list[str] = []
     for escalation in range(MAX_DAMP_ESCALATIONS + 1):
         h, lam, n_dead = damped(base, current, mode)
+        if reverse:
+            h = h.flip(-2, -1)
         chol, info = torch.linalg.cholesky_ex(h)
         del h                                  # at most three n×n matrices alive: H, its factor, its inverse
         if int(info.max()) == 0:
-            return Factorization(torch.cholesky_inverse(chol), current, lam, n_dead, escalation, notes)
+            return chol, Factorization(None, current, lam, n_dead, escalation, notes)
         new = max(current * 10, 1e-6)
         msg = f"Cholesky failed at damp={current:g}; escalating relative damping to {new:g}"
         log.warning(msg)
@@ -131,14 +135,50 @@ def cholesky_inverse_escalating(hessian: torch.Tensor, damp: float,
                      "check the calibration data (NaN activations, too few samples)")
 
 
+def cholesky_inverse_escalating(hessian: torch.Tensor, damp: float,
+                                work_dtype: torch.dtype | None = None, mode: str = "relative") -> Factorization:
+    """(damped H)⁻¹ via Cholesky, multiplying the damping by 10 on failure (logged, recorded)."""
+    chol, fac = cholesky_escalating(hessian, damp, work_dtype, mode)
+    fac.inverse = torch.cholesky_inverse(chol)
+    return fac
+
+
+TRIANGULAR_INVERSE_LEAF = 256
+"""Blocks from this size down are inverted by one triangular solve against the identity."""
+
+
+def lower_triangular_inverse(lower: torch.Tensor, leaf: int = TRIANGULAR_INVERSE_LEAF) -> torch.Tensor:
+    """L⁻¹ of a lower-triangular L by halves: [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹·B·A⁻¹, C⁻¹]].
+
+    About n³/2 flops in products and triangular solves, against n³ for one triangular solve with the n×n
+    identity (torch has no LAPACK trtri)."""
+    n = lower.shape[-1]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype, device=lower.device),
+                                             upper=False)
+    k = n // 2
+    out = torch.zeros_like(lower)
+    a_inv = lower_triangular_inverse(lower[:k, :k], leaf)
+    out[k:, :k] = -torch.linalg.solve_triangular(lower[k:, k:], lower[k:, :k] @ a_inv, upper=False)
+    out[:k, :k] = a_inv
+    del a_inv
+    out[k:, k:] = lower_triangular_inverse(lower[k:, k:], leaf)
+    return out
+
+
 def inverse_factor(hessian: torch.Tensor, damp: float, work_dtype: torch.dtype,
                    mode: str = "relative") -> tuple[torch.Tensor, Factorization]:
-    """U with UᵀU = (damped H)⁻¹, and how the damping went.  The n×n inverse is dropped once U exists (the
-    column-sweep solvers, cap/sparsegpt/GPTQ, need only U), so a solve holds one n×n matrix less."""
-    fac = cholesky_inverse_escalating(hessian, damp, work_dtype=work_dtype, mode=mode)
-    u = upper_cholesky(fac.inverse)
-    fac.inverse = None
-    return u, fac
+    """U with UᵀU = (damped H)⁻¹ (upper triangular, positive diagonal), and how the damping went.
+
+    U = J·L̃⁻¹·J, where L̃ is the lower Cholesky factor of J·H·J and J reverses the order of the inputs:
+    (J L̃⁻¹ J)ᵀ(J L̃⁻¹ J) = J L̃⁻ᵀ L̃⁻¹ J = (J L̃ L̃ᵀ J)⁻¹ = H⁻¹, and reversing a lower-triangular matrix's rows
+    and columns makes it upper triangular.  One factorisation and one triangular inverse (~5n³/6 flops, 0.7× the
+    time at n = 4,096, one thread) instead of forming H⁻¹ and factoring it again (~4n³/3), and the n×n inverse
+    is never held: the column-sweep solvers (cap/sparsegpt/GPTQ) need only U."""
+    chol, fac = cholesky_escalating(hessian, damp, work_dtype, mode, reverse=True)
+    inverse = lower_triangular_inverse(chol, TRIANGULAR_INVERSE_LEAF)
+    del chol
+    return inverse.flip(-2, -1), fac
 
 
 CHOLESKY_BLOCK = 256
@@ -172,11 +212,6 @@ def blocked_cholesky(matrix: torch.Tensor, block: int = CHOLESKY_BLOCK) -> tuple
             below = matrix[k1:, k0:k1] - done[k1 - k0:] @ done[:k1 - k0].T if k0 else matrix[k1:, k0:k1]
             factor[k1:, k0:k1] = torch.linalg.solve_triangular(l_kk.mT, below, upper=True, left=False)
     return factor, 0
-
-
-def upper_cholesky(matrix: torch.Tensor) -> torch.Tensor:
-    """U with UᵀU = matrix (upper Cholesky factor), as SparseGPT uses for H⁻¹."""
-    return torch.linalg.cholesky(matrix, upper=True)
 
 
 SYMMETRIC_BLOCK = 256
