@@ -187,13 +187,17 @@ def cap_activation(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
                 curve.add_block(step, ranked, rows * b)
         removed += int(counts.sum())
         new_block = replay(block, hinv_bb, zeros_which, order, counts).to(device=dev, dtype=work)
-        taken = torch.arange(order.shape[1], device=dev).unsqueeze(0) < counts.unsqueeze(1)   # [rows, depth]
-        r_idx = torch.arange(rows, device=dev).unsqueeze(1).expand_as(order)[taken]
-        c_idx = order[taken]
-        keep[r_idx, j0 + c_idx] = False
-        losses[r_idx, j0 + c_idx] = step[taken].to(work)
-        removal_step[r_idx, j0 + c_idx] = torch.nonzero(taken)[:, 1]
-        new_block[r_idx, c_idx] = 0.0
+        steps = torch.arange(order.shape[1], device=dev).unsqueeze(0)
+        # The step at which each of the block's weights was removed (−1: kept), as a dense [rows, b] map: dense
+        # writes instead of scattering each removal into four tensors. A row's first counts[r] steps remove
+        # distinct weights, so the maximum over a column picks its step (untaken steps contribute −1).
+        at = torch.full((rows, b), -1, dtype=torch.long, device=dev).scatter_reduce_(
+            1, order, torch.where(steps < counts.unsqueeze(1), steps, -1), reduce="amax")
+        gone = at >= 0
+        keep[:, j0:j1] = ~gone
+        losses[:, j0:j1] = torch.where(gone, step.gather(1, at.clamp_min(0)).to(work), 0.0)
+        removal_step[:, j0:j1] = at
+        new_block.masked_fill_(gone, 0.0)
         delta = new_block - block
         if j1 < cols:                                                       # (2)
             x = torch.linalg.solve_triangular(u_bb, delta, upper=True, left=False)

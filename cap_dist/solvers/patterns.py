@@ -75,6 +75,55 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep.reshape(scores.shape)
 
 
+THRESHOLD_SAMPLE = 1 << 15
+"""Scores in the evenly strided sample from which the unstructured projection brackets its threshold."""
+THRESHOLD_SIGMAS = 5.0
+"""Half-width of that bracket in binomial standard deviations of the sample rank (a miss costs one full
+selection, not a wrong mask)."""
+
+
+def threshold_keep(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, float | None]:
+    """Keep-mask removing exactly the ``count`` lowest ``scores`` (as ``lowest_k_mask``), and the threshold.
+
+    The threshold is looked for in a narrow band of scores first: the band between two quantiles of an evenly
+    strided sample of THRESHOLD_SAMPLE scores, wide enough (THRESHOLD_SIGMAS binomial deviations of the
+    sample's rank) to hold the count-th lowest score almost surely, so one selection among ~2 % of the
+    scores and a few passes over the layer replace a selection over all of it; a band that misses falls back
+    to the whole layer.  Scores tied at the threshold are removed in index order up to ``count``."""
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    if count <= 0:
+        return torch.ones_like(scores, dtype=torch.bool), None
+    if count >= n:
+        return torch.zeros_like(scores, dtype=torch.bool), None
+    thr = None
+    step = n // THRESHOLD_SAMPLE
+    if step >= 4:
+        sample = flat[::step]
+        m = sample.numel()
+        centre = count / n * m
+        margin = THRESHOLD_SIGMAS * math.sqrt(centre * (1.0 - count / n)) + 2.0
+        k_lo, k_hi = math.floor(centre - margin), math.ceil(centre + margin)
+        lo = torch.kthvalue(sample, k_lo).values if k_lo >= 1 else None
+        hi = torch.kthvalue(sample, k_hi).values if k_hi <= m else None
+        below = int(torch.count_nonzero(flat < lo)) if lo is not None else 0
+        if below < count:
+            inside = flat >= lo if lo is not None else torch.ones_like(flat, dtype=torch.bool)
+            if hi is not None:
+                inside &= flat <= hi
+            band = flat[inside]
+            if below + band.numel() >= count:
+                thr = torch.kthvalue(band, count - below).values
+    if thr is None:
+        thr = torch.kthvalue(flat, count).values
+    keep = (flat <= thr).logical_not_()                                    # NaN is kept, as by lowest_k_mask
+    extra = n - int(torch.count_nonzero(keep)) - count
+    if extra:                                                              # ties at the threshold
+        tied = torch.nonzero(flat == thr).flatten()
+        keep[tied[tied.numel() - extra:]] = True
+    return keep.reshape(scores.shape), float(thr)
+
+
 def lowest_k_per_row_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask removing exactly the ``k`` lowest scores of every row."""
     keep = torch.ones_like(scores, dtype=torch.bool)
@@ -134,7 +183,9 @@ def allocate_rows(step_losses: torch.Tensor, total: int,
     """How many weights each row removes, from its greedy removal losses.
 
     ``step_losses[r, t]`` is the loss of the t-th removal of row r (greedy order); the ``total``
-    first removals of :func:`removal_order` are taken.
+    first removals of :func:`removal_order` are taken.  Without that ``order`` they are selected, not sorted:
+    the ``total`` lowest running-maximum keys, ties in index order (:func:`threshold_keep`), which is the same
+    set as the stable sort's prefix and, the keys being non-decreasing along each row, a prefix of every row.
 
     Returns:
         counts ``[rows]`` (int64) summing to ``total``.
@@ -145,7 +196,9 @@ def allocate_rows(step_losses: torch.Tensor, total: int,
     counts = torch.zeros(rows, dtype=torch.int64, device=step_losses.device)
     if total == 0:
         return counts
-    order = removal_order(step_losses) if order is None else order
+    if order is None:
+        keep, _ = threshold_keep(torch.cummax(step_losses, dim=1).values, total)
+        return depth - keep.sum(1)
     taken = order[:total]
     return counts.index_add_(0, taken // depth, torch.ones_like(taken))
 

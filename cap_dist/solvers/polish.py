@@ -32,7 +32,7 @@ import time
 import torch
 
 from cap_dist.solvers.numerics import blocked_cholesky, damped, row_quadratic_forms
-from cap_dist.solvers.patterns import Pattern, allocate_rows, n_m_mask, removal_order
+from cap_dist.solvers.patterns import Pattern, allocate_rows, n_m_mask, removal_order, threshold_keep
 
 RESOLVE_TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 """A row's conjugate gradients stop when a step lowers its objective by less than this fraction (or its
@@ -264,11 +264,6 @@ FLIP_SPARSE_FRACTION = 64
 ADMM_STOP = 3e-4
 """ADMM stops once fewer than this fraction of the pruned weights moved over the last ADMM_UPDATE_EVERY
 iterations."""
-THRESHOLD_SAMPLE = 1 << 15
-"""Scores in the evenly strided sample from which the unstructured projection brackets its threshold."""
-THRESHOLD_SIGMAS = 5.0
-"""Half-width of that bracket in binomial standard deviations of the sample rank (a miss costs one full
-selection, not a wrong mask)."""
 
 
 def admm_uses_explicit_inverse(rows: int, cols: int) -> bool:
@@ -293,48 +288,6 @@ def resolve_flops(rows: int, cols: int, iterations: int = RESOLVE_TYPICAL_ITERAT
     """What :func:`resolve_weights` costs: one [rows, in]·[in, in] product per conjugate-gradient step, and the
     float64 guard (two more, at about twice the float32 cost)."""
     return (iterations + 4) * 2.0 * rows * cols * cols
-
-
-def threshold_keep(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, float | None]:
-    """Keep-mask removing exactly the ``count`` lowest ``scores`` (as ``lowest_k_mask``), and the threshold.
-
-    The threshold is looked for in a narrow band of scores first: the band between two quantiles of an evenly
-    strided sample of THRESHOLD_SAMPLE scores, wide enough (THRESHOLD_SIGMAS binomial deviations of the
-    sample's rank) to hold the count-th lowest score almost surely, so one selection among ~2 % of the
-    scores and a few passes over the layer replace a selection over all of it; a band that misses falls back
-    to the whole layer.  Scores tied at the threshold are removed in index order up to ``count``."""
-    flat = scores.reshape(-1)
-    n = flat.numel()
-    if count <= 0:
-        return torch.ones_like(scores, dtype=torch.bool), None
-    if count >= n:
-        return torch.zeros_like(scores, dtype=torch.bool), None
-    thr = None
-    step = n // THRESHOLD_SAMPLE
-    if step >= 4:
-        sample = flat[::step]
-        m = sample.numel()
-        centre = count / n * m
-        margin = THRESHOLD_SIGMAS * math.sqrt(centre * (1.0 - count / n)) + 2.0
-        k_lo, k_hi = math.floor(centre - margin), math.ceil(centre + margin)
-        lo = torch.kthvalue(sample, k_lo).values if k_lo >= 1 else None
-        hi = torch.kthvalue(sample, k_hi).values if k_hi <= m else None
-        below = int(torch.count_nonzero(flat < lo)) if lo is not None else 0
-        if below < count:
-            inside = flat >= lo if lo is not None else torch.ones_like(flat, dtype=torch.bool)
-            if hi is not None:
-                inside &= flat <= hi
-            band = flat[inside]
-            if below + band.numel() >= count:
-                thr = torch.kthvalue(band, count - below).values
-    if thr is None:
-        thr = torch.kthvalue(flat, count).values
-    keep = (flat <= thr).logical_not_()                                    # NaN is kept, as by lowest_k_mask
-    extra = n - int(torch.count_nonzero(keep)) - count
-    if extra:                                                              # ties at the threshold
-        tied = torch.nonzero(flat == thr).flatten()
-        keep[tied[tied.numel() - extra:]] = True
-    return keep.reshape(scores.shape), float(thr)
 
 
 def flip_order(w0: torch.Tensor, b: torch.Tensor, hn: torch.Tensor, first: torch.Tensor,

@@ -19,6 +19,19 @@ def test_allocate_rows_takes_prefixes_and_the_exact_total() -> None:
         allocate_rows(steps, 13)
 
 
+@pytest.mark.parametrize("rows, depth", [(7, 5), (2048, 80)])
+def test_allocation_by_selection_equals_the_stable_sort(rows: int, depth: int) -> None:
+    """Without a precomputed order the removals are selected, not sorted: the counts must be those of the
+    stable sort's prefix, ties included (integer losses tie often), also where the sampled band is used."""
+    from cap_dist.solvers.patterns import removal_order
+
+    g = torch.Generator().manual_seed(rows)
+    steps = torch.randint(0, 40, (rows, depth), generator=g).float()
+    steps[:, :2] = -torch.inf                                           # forced removals rank first
+    for total in (1, 2 * rows, rows * depth // 2, rows * depth - 3):
+        assert torch.equal(allocate_rows(steps, total), allocate_rows(steps, total, removal_order(steps)))
+
+
 def _curve(scale: float, numel: int) -> LossCurve:
     s = torch.linspace(0, 0.95, 96, dtype=torch.float64)
     return LossCurve(s, scale * s ** 2, energy=1.0, numel=numel)

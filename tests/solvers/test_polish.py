@@ -11,10 +11,9 @@ import torch
 
 from cap_dist.solvers import is_valid_n_m, parse_pattern, prune_layer, relative_error
 from cap_dist.solvers.numerics import blocked_cholesky, damped
-from cap_dist.solvers.patterns import lowest_k_mask, n_m_mask
-from cap_dist.solvers.polish import (THRESHOLD_SAMPLE, admm_flops,
-                                    admm_masks, admm_uses_explicit_inverse, better_rows, flip_order,
-                                    refine_masks, resolve_weights, threshold_keep)
+from cap_dist.solvers.patterns import THRESHOLD_SAMPLE, lowest_k_mask, n_m_mask, threshold_keep
+from cap_dist.solvers.polish import (admm_flops, admm_masks, admm_uses_explicit_inverse, better_rows, flip_order,
+                                    refine_masks, resolve_weights)
 
 from tests.solvers.synthetic import correlated_problem
 from tests.solvers.test_cap_exactness import least_squares_fill
