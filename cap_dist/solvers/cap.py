@@ -88,36 +88,47 @@ def _forced_first(step: torch.Tensor, n_pre: torch.Tensor | None) -> torch.Tenso
 
 
 def _search_as_deep_as_needed(search, block: torch.Tensor, hinv: torch.Tensor, which: torch.Tensor, depth: int,
-                              least: int, share: int, prefix: torch.Tensor | None,
-                              n_pre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              least: int, share: int, prefix: torch.Tensor | None, n_pre: torch.Tensor | None,
+                              deep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The block's greedy search and row allocation, as if every row were searched to ``depth``, but
     searching most rows only part of the way (when no loss curve is wanted, steps no row takes are waste).
 
-    Every row is searched to a shallower depth first, halfway between the mean count ``least`` and
-    ``depth``, and the block's ``share`` is allocated.  Rows whose count reached that depth are searched
-    again to ``depth`` (their first steps replayed as a forced prefix: the same arithmetic, the same order and
-    losses) and the allocation is repeated.  This equals the allocation over full searches: a row that stops
-    short of the shallow depth does not take its next step, whose ranking key (the running maximum of its
-    losses) bounds every later one of that row, and extending other rows can only lower its count.
-    Returns order, step losses (steps not searched are +inf) and counts."""
+    Rows in ``deep`` (those that needed more than the shallow depth in the previous block: a row of zeros, a
+    quiet unit) are searched to ``depth`` at once; the others to a shallower depth, halfway between the mean
+    count ``least`` and ``depth``, and the block's ``share`` is allocated.  Shallow rows whose count reached
+    their depth are searched again to ``depth`` (their first steps replayed as a forced prefix: the same
+    arithmetic, the same order and losses) and the allocation is repeated.  This equals the allocation over
+    full searches: a row that stops short of its searched depth does not take its next step, whose ranking
+    key (the running maximum of its losses) bounds every later one of that row, and extending other rows can
+    only lower its count.  Returns order, step losses (steps not searched are +inf), counts, and the rows whose
+    count reached the shallow depth (the next block's ``deep``)."""
     dev = block.device
+    rows = block.shape[0]
     shallow = min(depth, least + max(4, (depth - least) // 2))
-    order, step = search(block, hinv, which, shallow, prefix=prefix, prefix_counts=n_pre)
-    order, step = order.to(dev), step.to(dev)
+    order = torch.zeros(rows, depth, dtype=torch.long, device=dev)
+    step = torch.full((rows, depth), math.inf, dtype=block.dtype, device=dev)
+
+    def run(idx: torch.Tensor | None, to: int, pre: torch.Tensor | None, pre_counts: torch.Tensor | None) -> None:
+        part = slice(None) if idx is None else idx
+        sub = block if idx is None else block[idx]
+        o, s = search(sub, hinv, which if idx is None else which[idx], to,
+                      prefix=None if pre is None else pre[part], prefix_counts=None if pre is None else pre_counts[part])
+        order[part, :to], step[part, :to] = o.to(dev), s.to(dev)
+
+    if shallow == depth or bool(deep.all()):
+        run(None, depth, prefix, n_pre)
+    elif not bool(deep.any()):
+        run(None, shallow, prefix, n_pre)
+    else:
+        run(torch.nonzero(deep).flatten(), depth, prefix, n_pre)
+        run(torch.nonzero(~deep).flatten(), shallow, prefix, n_pre)
     counts = allocate_rows(_forced_first(step, n_pre), share)
-    if shallow == depth:
-        return order, step, counts
-    deeper = torch.nonzero(counts >= shallow).flatten()
-    order = torch.cat([order, torch.zeros(order.shape[0], depth - shallow, dtype=order.dtype, device=dev)], 1)
-    step = torch.cat([step, torch.full((step.shape[0], depth - shallow), math.inf, dtype=step.dtype,
-                                       device=dev)], 1)
-    if deeper.numel() == 0:
-        return order, step, counts
-    rows_prefix = torch.full((deeper.numel(),), shallow, dtype=torch.long)
-    more_order, more_step = search(block[deeper], hinv, which[deeper], depth,
-                                   prefix=order[deeper, :shallow].cpu(), prefix_counts=rows_prefix)
-    order[deeper], step[deeper] = more_order.to(dev), more_step.to(dev)
-    return order, step, allocate_rows(_forced_first(step, n_pre), share)
+    if shallow < depth:
+        more = torch.nonzero((counts >= shallow) & ~deep).flatten()
+        if more.numel():
+            run(more, depth, order[:, :shallow].cpu(), torch.full((rows,), shallow, dtype=torch.long))
+            counts = allocate_rows(_forced_first(step, n_pre), share)
+    return order, step, counts, counts >= shallow
 
 
 def cap_activation(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern,
@@ -154,6 +165,7 @@ def cap_activation(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
     curve = (None if pattern.structured or not loss_curve
              else _CurveAccumulator(depth_all / width, rows * cols, sparsity))
     removed = 0
+    deep = torch.zeros(rows, dtype=torch.bool, device=weight.device)     # rows searched to full depth at once
     for j0 in range(0, cols, width):
         j1 = min(j0 + width, cols)
         b = j1 - j0
@@ -176,8 +188,8 @@ def cap_activation(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
             least = max(math.ceil(share / rows), int(n_pre.max()) if n_pre is not None else 0)
             depth = min(b, max(search_depth(b, sparsity, max_row_sparsity), least))
             if curve is None:
-                order, step, counts = _search_as_deep_as_needed(search, block, hinv_bb, zeros_which, depth, least,
-                                                                share, prefix, n_pre)
+                order, step, counts, deep = _search_as_deep_as_needed(search, block, hinv_bb, zeros_which, depth,
+                                                                      least, share, prefix, n_pre, deep)
             else:
                 order, step = search(block, hinv_bb, zeros_which, depth, prefix=prefix, prefix_counts=n_pre)
                 order, step = order.to(dev), step.to(dev)
