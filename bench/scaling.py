@@ -63,15 +63,16 @@ def make_assets(root: Path, arch: str, kwargs: dict, images: int, size: int) -> 
 
 
 def run(model_dir: str, images: str, n_images: int, actors: int, out: str, block_size: int,
-        polish: bool = True) -> dict:
+        polish: bool = True, batch_size: int = 8) -> dict:
     """Prune with `cap` at 50 %; ``polish=False`` turns off the ADMM mask refinement and the exact re-solve that
-    follow the greedy by default (the greedy alone, as before they became the default)."""
+    follow the greedy by default (the greedy alone, as before they became the default). ``batch_size``: images
+    per calibration batch (the actors form a pipeline that idles for one batch at its start and its end)."""
     from cap_dist.config import recipe_from_dict
     from cap_dist.engines import prune
 
     extra = {} if polish else {"admm_iterations": 0, "resolve": False}
     recipe = recipe_from_dict({
-        "model": {"source": model_dir}, "calibration": {"uri": images, "samples": n_images, "batch_size": 8},
+        "model": {"source": model_dir}, "calibration": {"uri": images, "samples": n_images, "batch_size": batch_size},
         "prune": {"method": "cap", "sparsity": 0.5, "block_size": block_size, "mode": "independent", **extra},
         "output": out, "device": "cpu", "distributed": {"actors": actors, "num_cpus": 1}})
     start = time.perf_counter()

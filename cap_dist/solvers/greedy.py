@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _greedy_kernel(weights, hinv, which, depth, group, group_prune, order, step_loss, counts, forced, out,
                    prefix_counts):
     rows, width = weights.shape

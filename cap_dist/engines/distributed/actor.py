@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -119,6 +120,10 @@ class PruneActor:
         self.records: dict[str, LayerRecord] = {}
         self.calibrate_seconds = 0.0
         self.solve_seconds = 0.0
+        # A solved layer's file is written while the next layer solves (one write in flight at most, so one layer's
+        # bytes are the only extra memory); every call that reports or reads results waits for it first.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-writer")
+        self._pending_write: Future | None = None
 
     # -- calibration ---------------------------------------------------------------------------------
 
@@ -211,12 +216,24 @@ class PruneActor:
         return written[0]
 
     def _write(self, record: LayerRecord) -> None:
+        """Write a solved layer's file in the background (after the previous one is done: its error, if any, is
+        raised here)."""
         module = self.layers[record.layer]
-        w = flattened_weight(module).detach().cpu().contiguous()
+        w = flattened_weight(module).detach().cpu().clone()          # a snapshot: the module may change later
         meta = {"record": json.dumps({**dataclasses.asdict(record), "recipe_hash": self.recipe.hash})}
-        with self.memory.stage("write"):
-            atomic_write_bytes(layer_file(self.recipe.output, record.layer),
-                               safetensors_save({"weight": w, "mask": (w != 0)}, meta))
+        self._finish_writes()
+        self._pending_write = self._writer.submit(_write_layer_file, layer_file(self.recipe.output, record.layer),
+                                                  w, meta)
+
+    def _finish_writes(self) -> None:
+        """Wait for the layer file being written; its failure is raised here, naming the file."""
+        pending, self._pending_write = self._pending_write, None
+        if pending is not None:
+            pending.result()
+
+    def finish_writes(self) -> None:
+        """Every solved layer's file is on storage when this returns (the driver calls it after solving)."""
+        self._finish_writes()
 
     def solve_layer(self, name: str, level: float) -> dict[str, Any]:
         """Independent mode: solve one layer on its dense Hessian (or reuse a written result)."""
@@ -251,6 +268,7 @@ class PruneActor:
         timings = {"calibrate": 0.0, "solve": 0.0}
         with self.memory.stage("solve"):
             hidden = self._sequential(hidden, levels, timings)
+            self._finish_writes()
         self.calibrate_seconds += timings["calibrate"]
         self.solve_seconds += timings["solve"]
         return [h.cpu() for h in hidden]
@@ -326,6 +344,7 @@ class PruneActor:
 
     def release(self) -> None:
         """Drop the calibration statistics once every layer is solved (writing the shard needs the memory)."""
+        self._finish_writes()
         self.accs = None
         import gc
 
@@ -333,6 +352,7 @@ class PruneActor:
 
     def tensor_names(self) -> list[str]:
         """Names of the parameters and buffers this shard holds (the others are meta placeholders)."""
+        self._finish_writes()
         return [k for k, v in self.model.state_dict().items() if v.device.type != "meta"]
 
     def write_shard(self, keys: list[str], name: str) -> dict[str, Any]:
@@ -351,12 +371,14 @@ class PruneActor:
         return dataclasses.asdict(written)
 
     def stats(self) -> dict[str, Any]:
+        self._finish_writes()
         return {"index": self.index, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": self.memory.baseline_mb,
                 "stage_peak_rss_mb": dict(self.memory.peaks),
                 "load_seconds": self.load_seconds, "calibrate_seconds": self.calibrate_seconds,
                 "solve_seconds": self.solve_seconds, "layers": len(self.layers)}
 
     def get_records(self) -> list[dict[str, Any]]:
+        self._finish_writes()
         return [dataclasses.asdict(self.records[n]) for n in self.layers if n in self.records]
 
 
@@ -373,6 +395,10 @@ def _materialised_to(model: nn.Module, device: torch.device) -> None:
             for key, buf in module._buffers.items():
                 if buf is not None and not buf.is_meta:
                     module._buffers[key] = buf.to(device)
+
+
+def _write_layer_file(uri: str, weight: torch.Tensor, meta: dict[str, str]) -> None:
+    atomic_write_bytes(uri, safetensors_save({"weight": weight, "mask": (weight != 0)}, meta))
 
 
 def _metadata(data: bytes, where: str) -> dict[str, str]:

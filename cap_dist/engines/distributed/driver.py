@@ -189,6 +189,7 @@ def _solve_independent(actors: list[Any], levels: dict[str, float]) -> None:
     calls = [actor.solve_layer.remote(name, levels[name]) for actor, own, recs in zip(actors, names, done)
              for name in own if name not in {r["layer"] for r in recs}]
     _wait_all(calls, "layers solved", "layer")
+    _wait_all([a.finish_writes.remote() for a in actors])          # the last layer files, written in the background
 
 
 def _solve_sequential(actors: list[Any], batch_refs: list[Any], levels: dict[str, float],
