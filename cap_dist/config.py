@@ -204,9 +204,21 @@ class StructuredConfig(_Strict):
         "logits, or relative error of an encoder's embeddings) measured on the calibration images with that "
         "structure alone cut to its uniform count, and the Lagrangian counts on those curves; as a guard the "
         "global and uniform counts are tried on the calibration images too and the least output error wins "
-        "(a forward pass of the calibration images per structure, plus three); global: counts minimising the "
+        "(a forward pass of the calibration images per structure, plus three), and with search: true (the default) "
+        "so is an allocation built greedily on the output error itself; global: counts minimising the "
         "summed loss relative to each consumer's own output energy per saved MAC/parameter (no extra passes; "
         "misallocates on CNNs); uniform: the same fraction of groups everywhere"))
+    search: bool = Field(True, description=(
+        "allocation=calibrated: also build a candidate greedily on the model's output error, one level (about an "
+        "eighth of a structure's groups, or a whole branch) at a time, each step measured with everything removed "
+        "before it, then improve the best candidate by local search (give a level back, take one elsewhere) on "
+        "the same measured error (cap_dist/structured/search.py); catches what single-structure probes miss, "
+        "such as every attention branch of a ViT removed together. Costs a few forward passes of the "
+        "calibration images per step (about 300 on vit4mnist)"))
+    search_passes: int = Field(600, ge=1, description=(
+        "the most forward passes of the calibration images the search may take: the greedy failing to reach the "
+        "budget within it fails the prune, saying so (raise it, or set search: false); the local search stops "
+        "there with the best allocation found (logged)"))
     max_fraction: float = Field(0.9, gt=0.0, lt=1.0, description="the most of one module's groups removed")
     branches: bool = Field(False, description=(
         "also allow removing an attention or MLP of a pre-norm ViT block whole (every head / hidden unit): its "

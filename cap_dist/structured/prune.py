@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -30,6 +31,7 @@ from cap_dist.structured.allocate import (BudgetError, Savings, lagrangian_count
 from cap_dist.structured.branches import branch_constant, branch_relative_loss
 from cap_dist.structured.costs import GroupCost, group_costs, module_macs, total_params
 from cap_dist.structured.latency import LatencyTable, measure_latency
+from cap_dist.structured.search import greedy_output_counts, refine_counts, removal_levels
 from cap_dist.structured.trial import OutputProbe, trial_weights
 
 log = logging.getLogger(__name__)
@@ -296,10 +298,38 @@ def allocate(plan: StructuredPlan, model: nn.Module, inputs: list[torch.Tensor],
     calibrated = lagrangian_counts(scaled, plan.savings, plan.budget)
     candidates = {"calibrated": calibrated, "global": layer_global, "uniform": uniform}
     errors = {name: error_of(counts) for name, counts in candidates.items()}
+    if cfg.search:
+        _search(plan, cfg, error_of, candidates, errors)
     chosen = min(errors, key=errors.__getitem__)
     log.info("structured allocation candidates (mean output error per calibration image): %s; chose %s",
              ", ".join(f"{n} {e:.4g}" for n, e in errors.items()), chosen)
+    constant = probe.constant_error()
+    if errors[chosen] >= constant:
+        raise BudgetError(
+            f"structured.target={cfg.target} of the {measure_name(cfg)} loses the model: the best allocation "
+            f"({chosen}) has output error {errors[chosen]:.4g} per calibration image, no better than predicting "
+            f"the same output for every image ({constant:.4g}); raise structured.target"
+            + ("" if cfg.search else " or set structured.search: true"))
     return Allocation(candidates[chosen], chosen, errors, candidates, probes, sensitivity, probe)
+
+
+def _search(plan: StructuredPlan, cfg: StructuredConfig, error_of: Callable[[dict[str, int]], float],
+            candidates: dict[str, dict[str, int]], errors: dict[str, float]) -> None:
+    """Add the output-guided candidates (cap_dist/structured/search.py): ``greedy``, built one level at a time on
+    the measured output error, then ``refined``, a local search from the best candidate so far; both within
+    ``cfg.search_passes`` forward passes of the calibration images."""
+    levels = removal_levels(plan.valid, {s.name: s.groups for s in plan.structures})
+    start = time.perf_counter()
+    greedy = greedy_output_counts(levels, plan.savings, plan.budget, error_of, cfg.search_passes)
+    candidates["greedy"], errors["greedy"] = greedy.counts, greedy.error
+    first = min(errors, key=errors.__getitem__)
+    left = cfg.search_passes - greedy.passes
+    refined = refine_counts(candidates[first], levels, plan.savings, plan.budget, error_of, left, errors[first])
+    candidates["refined"], errors["refined"] = refined.counts, refined.error
+    log.info("structured output search: greedy %.4g in %d passes of the calibration images, then refined from %s "
+             "%.4g to %.4g in %d%s; %.1f s", greedy.error, greedy.passes, first, errors[first], refined.error,
+             refined.passes, " (stopped at structured.search_passes)" if refined.passes >= left else "",
+             time.perf_counter() - start)
 
 
 def prune_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: StructuredConfig) -> list[StructureRecord]:

@@ -16,6 +16,7 @@ keep the best).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -68,6 +69,18 @@ class OutputProbe:
     def error(self) -> float:
         """Mean output error per calibration image of the model as it is now."""
         return sum(output_error(o, d, self.kind) for o, d in zip(self._outputs(), self.dense)) / self.images
+
+    def constant_error(self) -> float:
+        """Mean output error per image of a model that ignores its input and outputs the same thing for every
+        image, the best such (the dense outputs' mean probabilities for a classifier, their mean embedding for an
+        encoder). An allocation no better than this has lost the model: it cannot tell images apart."""
+        dense = torch.cat([d.double().reshape(d.shape[0], -1) for d in self.dense])
+        if self.kind == "classifier":
+            log_p = F.log_softmax(dense, dim=1)
+            log_mean = torch.logsumexp(log_p, dim=0, keepdim=True) - math.log(dense.shape[0])
+            return float((log_p.exp() * (log_p - log_mean)).sum()) / self.images
+        mean = dense.mean(0, keepdim=True)
+        return float(((dense - mean).pow(2).sum(1) / dense.pow(2).sum(1).clamp_min(1e-300)).sum()) / self.images
 
 
 @contextmanager

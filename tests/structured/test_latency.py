@@ -114,3 +114,24 @@ def test_whole_branches_are_timed_and_save_a_step_at_full_removal() -> None:
     steps = LatencyTable(1, 1.0, {"m": 0.01}, {"m": []}, {"m": 0.5})
     assert steps.savings("m", 4, 4).tolist() == pytest.approx([0.0, 0.01, 0.02, 0.03, 0.5])
     assert steps.savings("m", 4, 3).tolist() == pytest.approx([0.0, 0.01, 0.02, 0.03])   # not removable whole
+
+
+def test_the_model_time_is_its_fastest_pass_over_every_structures_rounds(monkeypatch) -> None:
+    """A VM slow for the first timing must not shrink every structure's share: the whole model is timed in each
+    structure's rounds and its fastest pass kept."""
+    from cap_dist.structured import latency
+
+    model, inputs = _vit()
+    structures = find_structures(model, ("mlp", "heads"), ())
+    clock = {"calls": 0}
+
+    def scripted(call, threads: int) -> float:     # the model: 10 ms at first, 1 ms later; a module: by its size
+        clock["calls"] += 1
+        if set(call.__code__.co_freevars) == {"model", "x"}:
+            return 0.010 if clock["calls"] <= latency.ROUNDS else 0.001
+        module = (call.__defaults__ or (None,))[0]
+        return 1e-9 * sum(p.numel() for p in module.parameters()) if isinstance(module, torch.nn.Module) else 1e-6
+
+    monkeypatch.setattr(latency, "time_call", scripted)
+    table = measure_latency(model, structures, inputs, batch=4)
+    assert table.model_seconds == pytest.approx(0.001)
