@@ -1,6 +1,6 @@
 """End-to-end speed of structured pruning, measured: latency of the dense, structured and structured + int8 models in
 torch eager and ONNX Runtime; accuracy one-shot (structured CAP vs group magnitude vs one-shot group OBS at the same
-target; with ``measure: latency`` each method times its own table) and after a Ray Train recovery of the CAP model.
+target; with ``measure: latency`` all three on one table, timed by the first: equal predicted latency) and after a Ray Train recovery of the CAP model.
 
     python bench/speed.py                                  # every case (timing needs a quiet machine)
     python bench/speed.py --quick --out DIR                # vit4mnist alone (< 20 min on 2 cores), leaves the
@@ -58,9 +58,12 @@ from cap_dist.structured.costs import module_macs  # noqa: E402
 METHODS = ("cap", "obs", "magnitude")
 
 
-def structured_overrides(case: dict[str, Any], method: str) -> list[str]:
+def structured_overrides(case: dict[str, Any], method: str, latency_table: Path | None = None) -> list[str]:
+    """The case's structured step as recipe overrides; with ``latency_table`` every method is allocated on one
+    timed table (the first writes it), so the methods are compared at equal predicted latency."""
+    table = f"latency_table: '{latency_table}', " if latency_table is not None and case["measure"] == "latency" else ""
     return ["engine=local", "prune.sparsity=0", "schedule.first=null",
-            f"structured={{target: {case['target']}, measure: {case['measure']}, "
+            f"structured={{target: {case['target']}, measure: {case['measure']}, {table}"
             f"latency_batch: {case.get('latency_batch', 64)}, multiple_of: {case.get('multiple_of', 1)}, "
             f"method: {method}, branches: {str(case.get('branches', False)).lower()}, "
             f"structures: [{', '.join(case['structures'])}]}}"]
@@ -200,7 +203,7 @@ def real_case(name: str, case: dict[str, Any], out: Path, quick: bool, reps: int
     oneshot = {}
     for method in methods:
         r = load_recipe(recipe_path, case["finetune"](epochs) + [source, f"output={work}/{name}-{method}"]
-                        + structured_overrides(case, method))
+                        + structured_overrides(case, method, work / f"{name}-latency.json"))
         start = time.perf_counter()
         prune(r)
         model, manifest = load_sparse(r.output)

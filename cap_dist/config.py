@@ -193,6 +193,10 @@ class StructuredConfig(_Strict):
         "cap_dist/structured/latency.py): use it when the goal is speed on that kind of device, since MACs "
         "under-price attention heads and small layers"))
     latency_batch: int = Field(64, ge=1, description="batch size the latency table is timed at (measure=latency)")
+    latency_table: str | None = Field(None, description=(
+        "measure=latency: a JSON file (local path or s3://) holding the latency table; read when it exists "
+        "(refused when it was timed for other structures, another batch, or without whole branches), else timed "
+        "and written there. Lets several prunes of one model (methods, targets, reruns) share one timing"))
     structures: list[Literal["mlp", "heads", "channels"]] = Field(
         default_factory=lambda: ["mlp", "heads", "channels"], description="what may be removed (kinds the model "
                                                                           "lacks are skipped)")

@@ -212,6 +212,13 @@ def _atomic_write(uri: str, data: bytes) -> None:
             fs.rm(tmp)
 
 
+def exists(uri: str) -> bool:
+    """Whether a file or object is at ``uri``."""
+    with storage_errors(uri):
+        fs, path = _fs(uri)
+        return fs.exists(path)
+
+
 def read_bytes(uri: str) -> bytes:
     with storage_errors(uri):
         fs, path = _fs(uri)

@@ -23,6 +23,7 @@ runs, and a target of 60 % became unreachable in one of them).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -32,6 +33,7 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 from cap_dist.models.structures import ConstantBranch, Structure, branch_norm, remove_groups
+from cap_dist.storage import atomic_write_bytes, read_bytes, storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -166,3 +168,46 @@ def measure_latency(model: nn.Module, structures: list[Structure], inputs: list[
         raise ValueError(f"no structure's time falls with its width at batch {batch} (timing noise or a model too "
                          "small for this batch); use structured.measure: flops or a larger structured.latency_batch")
     return LatencyTable(batch, model_seconds, per_group, points, branch)
+
+
+TABLE_FORMAT = "cap-dist latency table 1"
+
+
+def save_table(table: LatencyTable, uri: str, structures: list[Structure], threads: int, device: str) -> None:
+    """Write ``table`` as JSON to ``uri`` (local or object store; a temporary name, then the final one), with
+    what it was timed on, so that other prunes of the same model can be allocated on the very same table."""
+    doc = {"format": TABLE_FORMAT, "batch": table.batch, "threads": threads, "device": device,
+           "groups": {s.name: s.groups for s in structures}, "model_seconds": table.model_seconds,
+           "per_group": table.per_group, "branch": table.branch,
+           "points": {n: [list(p) for p in pts] for n, pts in table.points.items()}}
+    with storage_errors(uri):
+        atomic_write_bytes(uri, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+
+def load_table(uri: str, structures: list[Structure], batch: int, branches: bool) -> LatencyTable:
+    """The table saved at ``uri``, refused with what differs when it was timed for other structures (another
+    model or other ``structured.structures``), another batch, or without the whole branches now removable."""
+    with storage_errors(uri):
+        raw = read_bytes(uri)
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"structured.latency_table={uri} is not a latency table (not JSON: {err})") from None
+    if not isinstance(doc, dict) or doc.get("format") != TABLE_FORMAT:
+        raise ValueError(f"structured.latency_table={uri} is not a cap-dist latency table (format "
+                         f"{doc.get('format') if isinstance(doc, dict) else type(doc).__name__!r}, expected "
+                         f"{TABLE_FORMAT!r}); delete it to time a new one")
+    want = {s.name: s.groups for s in structures}
+    if doc["groups"] != want:
+        differ = sorted(set(want) ^ set(doc["groups"])) or sorted(n for n in want if want[n] != doc["groups"][n])
+        raise ValueError(f"structured.latency_table={uri} was timed for other structures (differs on "
+                         f"{differ[:3]}); use a table of this model and structured.structures, or a new path")
+    if doc["batch"] != batch:
+        raise ValueError(f"structured.latency_table={uri} was timed at batch {doc['batch']}, the recipe asks for "
+                         f"structured.latency_batch={batch}; use the same batch or a new path")
+    if branches and not doc["branch"]:
+        raise ValueError(f"structured.latency_table={uri} was timed without whole branches and "
+                         "structured.branches is on; use a new path")
+    return LatencyTable(int(doc["batch"]), float(doc["model_seconds"]), dict(doc["per_group"]),
+                        {n: [(int(k), float(t)) for k, t in pts] for n, pts in doc["points"].items()},
+                        dict(doc["branch"]))

@@ -30,7 +30,8 @@ from cap_dist.structured.allocate import (BudgetError, Savings, lagrangian_count
                                           output_scaled_curves, probe_counts, uniform_counts)
 from cap_dist.structured.branches import branch_constant, branch_relative_loss
 from cap_dist.structured.costs import GroupCost, group_costs, module_macs, total_params
-from cap_dist.structured.latency import LatencyTable, measure_latency
+from cap_dist.storage import exists
+from cap_dist.structured.latency import LatencyTable, load_table, measure_latency, save_table
 from cap_dist.structured.search import greedy_output_counts, refine_counts, removal_levels
 from cap_dist.structured.trial import OutputProbe, trial_weights
 
@@ -184,7 +185,7 @@ def plan_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: Structure
     limits = {s.name: s.groups if s.name in whole else partial[s.name] for s in structures}
     valid = {s.name: valid_counts(s, limits[s.name], cfg.multiple_of, partial[s.name]) for s in structures}
     if cfg.measure == "latency":
-        latency = measure_latency(model, structures, inputs, cfg.latency_batch, branches=bool(whole))
+        latency = latency_table(model, structures, inputs, cfg, branches=bool(whole))
         unit, total = latency_units(latency), latency.model_seconds
         savings = {s.name: _floored(latency.savings(s.name, s.groups, limits[s.name]), unit[s.name])
                    for s in structures}
@@ -232,6 +233,22 @@ def _floored(saved: torch.Tensor, unit: float) -> torch.Tensor:
     """A timed savings curve with every count saving at least ``unit`` per group (the floor of
     :func:`latency_units`), so a structure whose time did not fall still has a positive cost."""
     return torch.maximum(saved, unit * torch.arange(len(saved), dtype=torch.float64))
+
+
+def latency_table(model: nn.Module, structures: list[Structure], inputs: list[torch.Tensor],
+                  cfg: StructuredConfig, branches: bool) -> LatencyTable:
+    """The latency table: timed here, or read from ``cfg.latency_table`` when that file exists (timed here and
+    written there when it does not), so several prunes of one model can be allocated on one table."""
+    path = cfg.latency_table
+    if path is not None and exists(path):
+        log.info("latency table read from %s", path)
+        return load_table(path, structures, cfg.latency_batch, branches)
+    table = measure_latency(model, structures, inputs, cfg.latency_batch, branches=branches)
+    if path is not None:
+        device = next((p.device.type for p in model.parameters()), "cpu")
+        save_table(table, path, structures, torch.get_num_threads(), device)
+        log.info("latency table written to %s", path)
+    return table
 
 
 def measure_name(cfg: StructuredConfig) -> str:

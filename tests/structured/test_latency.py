@@ -135,3 +135,32 @@ def test_the_model_time_is_its_fastest_pass_over_every_structures_rounds(monkeyp
     monkeypatch.setattr(latency, "time_call", scripted)
     table = measure_latency(model, structures, inputs, batch=4)
     assert table.model_seconds == pytest.approx(0.001)
+
+
+def test_a_saved_table_is_reused_and_a_foreign_one_refused(tmp_path, monkeypatch) -> None:
+    """structured.latency_table: the first prune times and writes it, the next reads the very same table (no
+    timing), and a table of other structures, another batch, or not JSON is refused by name."""
+    import cap_dist.structured.prune as prune_module
+
+    model, inputs = _vit()
+    path = str(tmp_path / "latency.json")
+    cfg = StructuredConfig(target=0.7, measure="latency", latency_batch=4, latency_table=path, branches=True)
+    first = plan_structured(model, inputs, cfg)
+    written = (tmp_path / "latency.json").read_text()
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a saved table must not be timed again")
+
+    monkeypatch.setattr(prune_module, "measure_latency", no_timing)
+    second = plan_structured(model, inputs, cfg.model_copy(update={"method": "obs"}))
+    assert second.latency == first.latency and second.budget == first.budget
+    assert {n: v.tolist() for n, v in second.savings.items()} == {n: v.tolist() for n, v in first.savings.items()}
+    with pytest.raises(ValueError, match="batch 4.*latency_batch=8"):
+        plan_structured(model, inputs, cfg.model_copy(update={"latency_batch": 8}))
+    with pytest.raises(ValueError, match="other structures"):
+        plan_structured(model, inputs, cfg.model_copy(update={"structures": ["mlp"]}))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a latency table"):
+        plan_structured(model, inputs, cfg.model_copy(update={"latency_table": str(tmp_path / "bad.json")}))
+    assert (tmp_path / "latency.json").read_text() == written          # reading never rewrote it
+    assert not list(tmp_path.glob(".*.tmp"))
