@@ -255,6 +255,10 @@ class DistributedConfig(_Strict):
                                                                "for the cluster to place the actors (an autoscaler "
                                                                "adding nodes) before the run fails")
     address: str | None = Field(None, description="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    pipeline_images: int | None = Field(
+        None, gt=0, description="images per step of the dense calibration stream through the actors, which idles "
+                                "actors − 1 steps in all (None: whole calibration batches, Hessians bit for bit the "
+                                "local engine's; smaller steps idle less, and change the Hessians' rounding only)")
 
 
 class StorageConfig(_Strict):

@@ -35,7 +35,8 @@ from cap_dist.core import (LayerRecord, PruneResult, check_layers_fit, curve_dep
 from cap_dist.engines.distributed.crew import (ACTOR_FAILURES, FIRST_LOG_S, LOG_EVERY_S, ActorsLost, Crew,
                                                ResourcesUnavailableError)
 from cap_dist.engines.distributed.local_ray import connect
-from cap_dist.engines.distributed.plan import StageCost, plan_actors, plan_json, plan_table, shard_owners
+from cap_dist.engines.distributed.plan import (StageCost, pipeline_note, pipeline_steps, plan_actors, plan_json,
+                                               plan_table, shard_owners)
 from cap_dist.engines.distributed.resources import actor_bundle, bundle_text, check_resources, shortfall
 from cap_dist.models.capture import layer_columns
 from cap_dist.models.source import ModelSource
@@ -44,6 +45,29 @@ from cap_dist.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
+class CalibrationRefs:
+    """The calibration images in Ray's object store, each form put once, when a phase first needs it: the whole
+    batches, which every phase sees exactly as the local engine does, and, with ``distributed.pipeline_images``,
+    the dense stream's smaller steps (Hessians are sums over images, so how the stream is cut changes only their
+    rounding: float32 products over other chunks of rows)."""
+
+    def __init__(self, batches: list[torch.Tensor], step_images: int | None) -> None:
+        self.batches = batches
+        self.step_images = step_images
+        self._steps: list[Any] | None = None
+        self._whole: list[Any] | None = None
+
+    def whole(self) -> list[Any]:
+        if self._whole is None:
+            self._whole = [ray.put(x) for x in self.batches]
+        return self._whole
+
+    def steps(self) -> list[Any]:
+        if self.step_images is None or all(len(x) <= self.step_images for x in self.batches):
+            return self.whole()                                      # the same cut: nothing to put twice
+        if self._steps is None:
+            self._steps = [ray.put(x) for x in pipeline_steps(self.batches, self.step_images)]
+        return self._steps
 
 
 def stage_costs(recipe: Recipe, skeleton: torch.nn.Module) -> tuple[list[StageCost], int]:
@@ -137,7 +161,8 @@ def stream_route(needs: list[list[int]], n_batches: int) -> dict[int, int]:
     return {b: last[b] for b in range(n_batches) if b in last}
 
 
-def _stream(actors: list[Any], batch_refs: list[Any], route: dict[int, int], call: str, desc: str) -> None:
+def _stream(actors: list[Any], batch_refs: list[Any], route: dict[int, int], call: str, desc: str,
+            unit: str = "batch") -> None:
     """Push batch b through actors 0..route[b] (pipelined: an actor runs its calls in order, so actor 0 works on
     batch b+1 while actor 1 works on batch b) and wait for all of them."""
     finals = []
@@ -146,7 +171,7 @@ def _stream(actors: list[Any], batch_refs: list[Any], route: dict[int, int], cal
         for actor in actors[:last + 1]:
             ref = getattr(actor, call).remote(ref, b)
         finals.append(ref)
-    _wait_all(finals, desc, "batch")
+    _wait_all(finals, desc, unit)
 
 
 def _wait_all(refs: list[Any], desc: str | None = None, unit: str = "call") -> list[Any]:
@@ -178,7 +203,7 @@ def _calibrate(actors: list[Any], batch_refs: list[Any]) -> None:
     # them in its own blocks must see the dense ones, as in the first pass)
     chain = actors[:max(route.values()) + 1]
     _wait_all([a.dense_view.remote(True) for a in chain])
-    _stream(actors, batch_refs, route, "forward", "calibration batches")
+    _stream(actors, batch_refs, route, "forward", "calibration steps", "step")
     _wait_all([a.dense_view.remote(False) for a in chain])
 
 
@@ -221,7 +246,7 @@ def _reestimate_batchnorm(actors: list[Any], batch_refs: list[Any]) -> None:
     _wait_all([a.batchnorm_end.remote() for a in actors])
 
 
-def _run_phases(recipe: Recipe, crew: Crew, batch_refs: list[Any], run: dict[str, Any]) -> None:
+def _run_phases(recipe: Recipe, crew: Crew, refs: CalibrationRefs, run: dict[str, Any]) -> None:
     """Calibrate, allocate, solve, re-estimate BatchNorm: each phase redoes only what is missing, so after a
     replacement the same call carries on (``run`` keeps the levels, the sequential outputs, the timings and
     which phase is running)."""
@@ -231,7 +256,7 @@ def _run_phases(recipe: Recipe, crew: Crew, batch_refs: list[Any], run: dict[str
     start = time.perf_counter()
     if cfg.mode == "independent" or (cfg.allocation == "global" and run["levels"] is None):
         run["phase"] = "calibrating"
-        _calibrate(actors, batch_refs)
+        _calibrate(actors, refs.steps())
     timings["calibrate"] = timings.get("calibrate", 0.0) + time.perf_counter() - start
     if run["levels"] is None:
         run["phase"] = "allocating"
@@ -246,13 +271,13 @@ def _run_phases(recipe: Recipe, crew: Crew, batch_refs: list[Any], run: dict[str
     if cfg.mode == "independent":
         _solve_independent(actors, run["levels"])
     else:
-        _solve_sequential(actors, batch_refs, run["levels"], run["outputs"])
+        _solve_sequential(actors, refs.whole(), run["levels"], run["outputs"])
     timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - start
     if cfg.batchnorm == "reestimate":
         run["phase"] = "re-estimating BatchNorm"
         if sum(_wait_all([a.batchnorm_layers.remote() for a in actors])):
             start = time.perf_counter()
-            _reestimate_batchnorm(actors, batch_refs)
+            _reestimate_batchnorm(actors, refs.whole())
             timings["batchnorm"] = timings.get("batchnorm", 0.0) + time.perf_counter() - start
     run["phase"] = "gathering"
 
@@ -307,7 +332,10 @@ def prune_distributed(recipe: Recipe, source: ModelSource | None = None, write: 
     connect(recipe)
     _check_resources(recipe, len(plans))
     atomic_write_bytes(f"{recipe.output.rstrip('/')}/plan.json", plan_json(plans).encode())
-    batch_refs = [ray.put(x) for x, _ in calibration]
+    refs = CalibrationRefs([x for x, _ in calibration], recipe.distributed.pipeline_images)
+    if recipe.prune.mode == "independent" or recipe.prune.allocation == "global":
+        print(pipeline_note([len(x) for x, _ in calibration], recipe.distributed.pipeline_images, len(plans)))
+    del calibration
     run_id = uuid.uuid4().hex[:8]
     pg = reserve(recipe, len(plans), run_id)
     crew = Crew(recipe, source, plans, run_id, pg)
@@ -321,7 +349,7 @@ def prune_distributed(recipe: Recipe, source: ModelSource | None = None, write: 
                     _recover(recipe, crew, lost, run)      # (a replacement lost while loading: recovered again)
                     lost = None
                 actors = crew.actors
-                _run_phases(recipe, crew, batch_refs, run)
+                _run_phases(recipe, crew, refs, run)
                 result = {"levels": run["levels"], "timings": run["timings"]}
                 # Gathering is part of the run: an actor lost now is replaced like one lost while solving.
                 records = [LayerRecord(**r) for part in ray.get([a.get_records.remote() for a in actors])

@@ -2,13 +2,17 @@
 
 Contiguity keeps the calibration stream a simple chain (actor 0 -> 1 -> ...), and a block's
 memory (weights + Hessians + cached activations) and solve cost (rows·in·B² per layer) are known
-before any weight is read, from the model skeleton alone.
+before any weight is read, from the model skeleton alone.  The calibration stream is cut into steps
+small enough that the chain idles little at its two ends (:func:`pipeline_images`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -125,3 +129,36 @@ def shard_owners(held: list[list[str]], measured: list[list[str]]) -> list[list[
                 raise ValueError(f"actor {i} reports re-estimated statistics {key!r} it does not hold")
             owner[key] = i
     return [[k for k in keys if owner[k] == i] for i, keys in enumerate(held)]
+
+
+# Steps per actor that the suggestion of :func:`pipeline_note` aims at: the chain idles actors − 1 steps in all, so
+# with 8 steps per actor it idles at most 1/9 of the stream, whatever the number of actors.
+PIPELINE_STEPS_PER_ACTOR = 8
+
+
+def pipeline_steps(batches: list[torch.Tensor], images: int | None) -> list[torch.Tensor]:
+    """The calibration batches cut into steps of at most ``images`` (None: the batches as they are), in order; a
+    step never spans two batches."""
+    return list(batches) if images is None else [part for x in batches for part in torch.split(x, images)]
+
+
+def pipeline_idle(steps: int, actors: int) -> float:
+    """The share of the stream's time an actor idles: the chain fills and drains over actors − 1 steps."""
+    return (actors - 1) / (steps + actors - 1)
+
+
+def pipeline_note(batch_sizes: list[int], configured: int | None, actors: int) -> str:
+    """One line on the calibration stream through the actors: its steps, how much of it the chain idles, and,
+    where whole batches idle over a ninth of it, the ``distributed.pipeline_images`` that would idle at most that
+    (about :data:`PIPELINE_STEPS_PER_ACTOR` steps per actor)."""
+    images = sum(batch_sizes)
+    steps = sum(math.ceil(b / (configured or b)) for b in batch_sizes)
+    size = f"{configured} images" if configured is not None else f"{max(batch_sizes)} images (whole batches)"
+    line = (f"calibration: {images} images through {actors} actors in {steps} steps of at most {size}; the "
+            f"chain idles {pipeline_idle(steps, actors):.0%} of the stream")
+    suggested = max(1, math.ceil(images / (PIPELINE_STEPS_PER_ACTOR * actors)))
+    if configured is None and pipeline_idle(steps, actors) > 1 / 9 + 1e-9 and suggested < max(batch_sizes):
+        better = sum(math.ceil(b / suggested) for b in batch_sizes)
+        line += (f" (distributed.pipeline_images={suggested}: {pipeline_idle(better, actors):.0%}, at a few per cent "
+                 "more work per image, with Hessians equal to the local engine's up to rounding only)")
+    return line
