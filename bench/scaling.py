@@ -63,10 +63,11 @@ def make_assets(root: Path, arch: str, kwargs: dict, images: int, size: int) -> 
 
 
 def run(model_dir: str, images: str, n_images: int, actors: int, out: str, block_size: int,
-        polish: bool = True, batch_size: int = 8) -> dict:
+        polish: bool = True, batch_size: int = 8, pipeline_images: int | None = None) -> dict:
     """Prune with `cap` at 50 %; ``polish=False`` turns off the ADMM mask refinement and the exact re-solve that
     follow the greedy by default (the greedy alone, as before they became the default). ``batch_size``: images
-    per calibration batch (the actors form a pipeline that idles for one batch at its start and its end)."""
+    per calibration batch; ``pipeline_images``: images per step of the calibration stream through the actors
+    (``distributed.pipeline_images``; None: whole calibration batches, the engine's default)."""
     from cap_dist.config import recipe_from_dict
     from cap_dist.engines import prune
 
@@ -74,11 +75,12 @@ def run(model_dir: str, images: str, n_images: int, actors: int, out: str, block
     recipe = recipe_from_dict({
         "model": {"source": model_dir}, "calibration": {"uri": images, "samples": n_images, "batch_size": batch_size},
         "prune": {"method": "cap", "sparsity": 0.5, "block_size": block_size, "mode": "independent", **extra},
-        "output": out, "device": "cpu", "distributed": {"actors": actors, "num_cpus": 1}})
+        "output": out, "device": "cpu", "distributed": {"actors": actors, "num_cpus": 1, "pipeline_images": pipeline_images}})
     start = time.perf_counter()
     result = prune(recipe)
     return {"actors": actors, "wall_seconds": time.perf_counter() - start, "timings": result.timings,
-            "actor_stats": result.manifest["actors"]}
+            "actor_stats": result.manifest["actors"],
+            "layer_seconds": {r.layer: r.seconds for r in result.layers}}   # the solver's own time per layer
 
 
 def by_stage(stats: dict) -> str:
