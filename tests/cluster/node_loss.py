@@ -103,7 +103,7 @@ def _disturb(cluster: Any, events: Events, phase: str, victim: int, replace: boo
     done = []
 
     def wait_all(refs: list[Any], desc: str | None = None, unit: str = "call") -> list[Any]:
-        if not done and phase == "calibrate" and desc == "calibration batches":
+        if not done and phase == "calibrate" and desc == "calibration steps":
             ray.wait(refs, num_returns=2)
             done.append(True)
             _remove(cluster, _node_of_actor(victim), events, replace)
