@@ -258,7 +258,8 @@ def load_model(source: str, weights: str | None = None,
 def state_dict_for_save(model: nn.Module, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Contiguous CPU tensors, tied weights de-duplicated by copying (safetensors refuses shared storage).
 
-    ``keys``: only these entries of the state dict (an actor's shard; the rest may be meta placeholders)."""
+    ``keys``: only these entries of the state dict (an actor's shard; the other entries may be on the meta device,
+    holding no data)."""
     state = model.state_dict()
     wanted = state.keys() if keys is None else keys
     out: dict[str, torch.Tensor] = {}

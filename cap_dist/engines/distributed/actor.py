@@ -351,7 +351,8 @@ class PruneActor:
         gc.collect()
 
     def tensor_names(self) -> list[str]:
-        """Names of the parameters and buffers this shard holds (the others are meta placeholders)."""
+        """Names of the parameters and buffers this shard holds; the rest of the model stays on the meta device (other
+        shards' blocks, never read here)."""
         self._finish_writes()
         return [k for k, v in self.model.state_dict().items() if v.device.type != "meta"]
 

@@ -45,6 +45,7 @@ from cap_dist.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
+
 class CalibrationRefs:
     """The calibration images in Ray's object store, each form put once, when a phase first needs it: the whole
     batches, which every phase sees exactly as the local engine does, and, with ``distributed.pipeline_images``,

@@ -2,8 +2,9 @@
 
 Contiguity keeps the calibration stream a simple chain (actor 0 -> 1 -> ...), and a block's
 memory (weights + Hessians + cached activations) and solve cost (rows·in·B² per layer) are known
-before any weight is read, from the model skeleton alone.  The calibration stream is cut into steps
-small enough that the chain idles little at its two ends (:func:`pipeline_images`).
+before any weight is read, from the model skeleton alone.  The calibration stream through the chain can be cut
+into steps smaller than a batch, so the chain idles less at its two ends (:func:`pipeline_steps`,
+:func:`pipeline_note`).
 """
 
 from __future__ import annotations
@@ -142,6 +143,11 @@ def pipeline_steps(batches: list[torch.Tensor], images: int | None) -> list[torc
     return list(batches) if images is None else [part for x in batches for part in torch.split(x, images)]
 
 
+def _step_count(batch_sizes: list[int], images: int | None) -> int:
+    """How many steps :func:`pipeline_steps` makes of batches of these sizes."""
+    return sum(math.ceil(b / (images or b)) for b in batch_sizes)
+
+
 def pipeline_idle(steps: int, actors: int) -> float:
     """The share of the stream's time an actor idles: the chain fills and drains over actors − 1 steps."""
     return (actors - 1) / (steps + actors - 1)
@@ -152,13 +158,13 @@ def pipeline_note(batch_sizes: list[int], configured: int | None, actors: int) -
     where whole batches idle over a ninth of it, the ``distributed.pipeline_images`` that would idle at most that
     (about :data:`PIPELINE_STEPS_PER_ACTOR` steps per actor)."""
     images = sum(batch_sizes)
-    steps = sum(math.ceil(b / (configured or b)) for b in batch_sizes)
+    steps = _step_count(batch_sizes, configured)
     size = f"{configured} images" if configured is not None else f"{max(batch_sizes)} images (whole batches)"
     line = (f"calibration: {images} images through {actors} actors in {steps} steps of at most {size}; the "
             f"chain idles {pipeline_idle(steps, actors):.0%} of the stream")
     suggested = max(1, math.ceil(images / (PIPELINE_STEPS_PER_ACTOR * actors)))
     if configured is None and pipeline_idle(steps, actors) > 1 / 9 + 1e-9 and suggested < max(batch_sizes):
-        better = sum(math.ceil(b / suggested) for b in batch_sizes)
+        better = _step_count(batch_sizes, suggested)
         line += (f" (distributed.pipeline_images={suggested}: {pipeline_idle(better, actors):.0%}, at a few per cent "
                  "more work per image, with Hessians equal to the local engine's up to rounding only)")
     return line
