@@ -55,7 +55,7 @@ def measure(case: str, method: str, work: Path) -> dict[str, Any]:
     spec_case = CASES[case]
     source = f"model.source={ROOT.parent / 'shared' / 'models' / spec_case['model']}"
     recipe = load_recipe(str(ROOT / spec_case["recipe"]), spec_case["finetune"](1) + [source, f"output={work}/x"]
-                         + structured_overrides(spec_case["target"], method, spec_case["structures"]))
+                         + structured_overrides(spec_case, method, work / "latency.json"))
     dense, spec = load_model(recipe.model.source)
     dense.eval()
     model = copy.deepcopy(dense)
@@ -78,8 +78,9 @@ def measure(case: str, method: str, work: Path) -> dict[str, Any]:
     candidates = {}
     for name, counts in counts_of.items():
         weights = {consumer[n]: plan.trial_weight(n, k, cfg.damp, cfg.damp_mode) for n, k in counts.items() if k}
+        constants = {consumer[n]: c for n, k in counts.items() if k and (c := plan.trial_constant(n, k)) is not None}
         meter = ClassificationMeter()
-        with trial_weights(plan.consumers, weights), torch.no_grad():
+        with trial_weights(plan.consumers, weights, constants), torch.no_grad():
             calibration = alloc.candidates[name] if name in alloc.candidates else alloc.probe.error()
             for (x, y), d in zip(evaluation, dense_logits):
                 meter.update(model(x), y, d)
@@ -95,7 +96,9 @@ def measure(case: str, method: str, work: Path) -> dict[str, Any]:
         curve = plan.curves[s.name].curve
         k_glob = counts_of["global"][s.name]
         weights = {s.consumer: plan.trial_weight(s.name, k_glob, cfg.damp, cfg.damp_mode)} if k_glob else {}
-        with trial_weights(plan.consumers, weights), torch.no_grad():
+        constant = plan.trial_constant(s.name, k_glob) if k_glob else None
+        with trial_weights(plan.consumers, weights, {s.consumer: constant} if constant is not None else {}), \
+                torch.no_grad():
             alone_global = alloc.probe.error()
         k_probe = alloc.probes[s.name]
         rows.append({"structure": s.name, "groups": s.groups, "macs_per_group": plan.unit[s.name],

@@ -223,6 +223,11 @@ class StructuredConfig(_Strict):
         "the most forward passes of the calibration images the search may take: the greedy failing to reach the "
         "budget within it fails the prune, saying so (raise it, or set search: false); the local search stops "
         "there with the best allocation found (logged)"))
+    search_images: int | None = Field(None, ge=1, description=(
+        "the search's forward passes run on the first this many calibration images (default: all of them); the "
+        "candidates it finds are then measured on every calibration image and compared with the others there. "
+        "A pass costs in proportion to its images and the search takes hundreds (about 300 on vit4mnist), so on "
+        "a large model on a CPU this is what makes the search affordable"))
     max_fraction: float = Field(0.9, gt=0.0, lt=1.0, description="the most of one module's groups removed")
     branches: bool = Field(False, description=(
         "also allow removing an attention or MLP of a pre-norm ViT block whole (every head / hidden unit): its "

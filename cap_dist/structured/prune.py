@@ -33,7 +33,7 @@ from cap_dist.structured.costs import GroupCost, group_costs, module_macs, total
 from cap_dist.storage import exists
 from cap_dist.structured.latency import LatencyTable, load_table, measure_latency, save_table
 from cap_dist.structured.search import greedy_output_counts, refine_counts, removal_levels
-from cap_dist.structured.trial import OutputProbe, trial_weights
+from cap_dist.structured.trial import OutputProbe, first_images, trial_weights
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,7 @@ class Allocation:
     probes: dict[str, int] = field(default_factory=dict)          # structure -> count its sensitivity was probed at
     sensitivity: dict[str, float] = field(default_factory=dict)   # structure -> output error with it alone cut there
     probe: OutputProbe | None = None                               # the dense outputs the errors are measured against
+    search: dict[str, float] = field(default_factory=dict)        # the output search: images, passes, seconds
 
 
 def plan_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: StructuredConfig) -> StructuredPlan:
@@ -297,7 +298,7 @@ def allocate(plan: StructuredPlan, model: nn.Module, inputs: list[torch.Tensor],
     probe = OutputProbe(model, inputs, model_kind(model))
     weights: dict[tuple[str, int], torch.Tensor] = {}
 
-    def error_of(counts: dict[str, int]) -> float:
+    def error_of(counts: dict[str, int], on: OutputProbe = probe) -> float:
         for n, k in counts.items():
             if k and (n, k) not in weights:
                 weights[(n, k)] = plan.trial_weight(n, k, cfg.damp, cfg.damp_mode)
@@ -305,7 +306,7 @@ def allocate(plan: StructuredPlan, model: nn.Module, inputs: list[torch.Tensor],
         constants = {consumer[n]: c for n, k in counts.items() if k and (c := plan.trial_constant(n, k)) is not None}
         with trial_weights(plan.consumers, {consumer[n]: weights[(n, k)] for n, k in counts.items() if k},
                            constants):
-            return probe.error()
+            return on.error()
 
     probes = probe_counts(uniform, plan.valid)
     sensitivity = {}
@@ -315,8 +316,12 @@ def allocate(plan: StructuredPlan, model: nn.Module, inputs: list[torch.Tensor],
     calibrated = lagrangian_counts(scaled, plan.savings, plan.budget)
     candidates = {"calibrated": calibrated, "global": layer_global, "uniform": uniform}
     errors = {name: error_of(counts) for name, counts in candidates.items()}
+    search: dict[str, float] = {}
     if cfg.search:
-        _search(plan, cfg, error_of, candidates, errors)
+        subset = cfg.search_images is not None and cfg.search_images < probe.images
+        on = OutputProbe(model, first_images(inputs, cfg.search_images), probe.kind) if subset else probe
+        search = {"images": on.images, **_search(plan, cfg, lambda counts: error_of(counts, on),
+                                                  error_of if subset else None, candidates, errors)}
     chosen = min(errors, key=errors.__getitem__)
     log.info("structured allocation candidates (mean output error per calibration image): %s; chose %s",
              ", ".join(f"{n} {e:.4g}" for n, e in errors.items()), chosen)
@@ -327,26 +332,40 @@ def allocate(plan: StructuredPlan, model: nn.Module, inputs: list[torch.Tensor],
             f"({chosen}) has output error {errors[chosen]:.4g} per calibration image, no better than predicting "
             f"the same output for every image ({constant:.4g}); raise structured.target"
             + ("" if cfg.search else " or set structured.search: true"))
-    return Allocation(candidates[chosen], chosen, errors, candidates, probes, sensitivity, probe)
+    return Allocation(candidates[chosen], chosen, errors, candidates, probes, sensitivity, probe, search)
 
 
 def _search(plan: StructuredPlan, cfg: StructuredConfig, error_of: Callable[[dict[str, int]], float],
-            candidates: dict[str, dict[str, int]], errors: dict[str, float]) -> None:
+            full_error_of: Callable[[dict[str, int]], float] | None,
+            candidates: dict[str, dict[str, int]], errors: dict[str, float]) -> dict[str, float]:
     """Add the output-guided candidates (cap_dist/structured/search.py): ``greedy``, built one level at a time on
     the measured output error, then ``refined``, a local search from the best candidate so far; both within
-    ``cfg.search_passes`` forward passes of the calibration images."""
+    ``cfg.search_passes`` forward passes.  ``error_of`` is the search's probe; where it runs on a subset of the
+    calibration images (``cfg.search_images``), ``full_error_of`` measures the two results on all of them, so that
+    every candidate is compared on the same images.  Returns what the search cost (images per pass, passes,
+    seconds)."""
     levels = removal_levels(plan.valid, {s.name: s.groups for s in plan.structures})
     start = time.perf_counter()
     greedy = greedy_output_counts(levels, plan.savings, plan.budget, error_of, cfg.search_passes)
-    candidates["greedy"], errors["greedy"] = greedy.counts, greedy.error
-    first = min(errors, key=errors.__getitem__)
-    left = cfg.search_passes - greedy.passes
-    refined = refine_counts(candidates[first], levels, plan.savings, plan.budget, error_of, left, errors[first])
-    candidates["refined"], errors["refined"] = refined.counts, refined.error
-    log.info("structured output search: greedy %.4g in %d passes of the calibration images, then refined from %s "
-             "%.4g to %.4g in %d%s; %.1f s", greedy.error, greedy.passes, first, errors[first], refined.error,
+    other = min(errors, key=errors.__getitem__)                 # the best candidate before the search
+    other_error = errors[other] if full_error_of is None else error_of(candidates[other])   # on the search's images
+    candidates["greedy"] = greedy.counts
+    first, start_error = ("greedy", greedy.error) if greedy.error <= other_error else (other, other_error)
+    left = cfg.search_passes - greedy.passes - (full_error_of is not None)
+    refined = refine_counts(candidates[first], levels, plan.savings, plan.budget, error_of, left, start_error)
+    candidates["refined"] = refined.counts
+    if full_error_of is None:
+        errors["greedy"], errors["refined"] = greedy.error, refined.error
+    else:
+        errors["greedy"], errors["refined"] = full_error_of(greedy.counts), full_error_of(refined.counts)
+    images = f"the first {cfg.search_images} calibration images" if full_error_of else "the calibration images"
+    log.info("structured output search on %s: greedy %.4g in %d passes, then refined from %s %.4g to %.4g in "
+             "%d%s; %.1f s%s", images, greedy.error, greedy.passes, first, start_error, refined.error,
              refined.passes, " (stopped at structured.search_passes)" if refined.passes >= left else "",
-             time.perf_counter() - start)
+             time.perf_counter() - start,
+             f"; on every calibration image greedy {errors['greedy']:.4g}, refined {errors['refined']:.4g}"
+             if full_error_of else "")
+    return {"greedy_passes": greedy.passes, "refine_passes": refined.passes, "seconds": time.perf_counter() - start}
 
 
 def prune_structured(model: nn.Module, inputs: list[torch.Tensor], cfg: StructuredConfig) -> list[StructureRecord]:

@@ -47,6 +47,20 @@ def output_error(out: torch.Tensor, dense: torch.Tensor, kind: OutputKind) -> fl
     raise ValueError(f"output kind {kind!r} is not 'classifier' or 'encoder'")
 
 
+def first_images(inputs: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """The first ``count`` images of a list of batches, in the same batches (the last one cut short): a probe on a
+    subset of the calibration images, for steps that need many passes."""
+    if count < 1:
+        raise ValueError(f"a probe needs at least one image, not {count}")
+    out, left = [], count
+    for x in inputs:
+        if left <= 0:
+            break
+        out.append(x[:left])
+        left -= int(out[-1].shape[0])
+    return out
+
+
 class OutputProbe:
     """The dense model's outputs on the calibration inputs, kept, and the mean error of the model's current
     outputs against them (:func:`output_error` per image)."""

@@ -14,7 +14,7 @@ from cap_dist.config import StructuredConfig
 from cap_dist.structured.allocate import BudgetError, lagrangian_counts, linear_savings
 from cap_dist.structured.prune import allocate, plan_structured, prune_structured
 from cap_dist.structured.search import greedy_output_counts, refine_counts, removal_levels
-from cap_dist.structured.trial import OutputProbe
+from cap_dist.structured.trial import OutputProbe, first_images, trial_weights
 from tests.structured.test_prune import _vit_and_data
 
 
@@ -153,3 +153,40 @@ def test_the_search_adds_its_candidates_and_never_loses_to_the_others() -> None:
     assert alloc.chosen == min(alloc.candidates, key=alloc.candidates.__getitem__)
     off = allocate(plan, model, inputs, cfg.model_copy(update={"search": False}))
     assert {"greedy", "refined"}.isdisjoint(off.candidates)
+
+
+def test_first_images_cuts_across_batches_in_order() -> None:
+    batches = [torch.arange(5).float(), torch.arange(5, 9).float(), torch.arange(9, 12).float()]
+    for count in (1, 5, 7, 12, 50):
+        got = first_images(batches, count)
+        assert torch.equal(torch.cat(got), torch.arange(min(count, 12)).float())
+        assert all(len(x) for x in got)
+    with pytest.raises(ValueError, match="at least one image"):
+        first_images(batches, 0)
+
+
+def test_a_search_on_fewer_images_compares_its_candidates_on_all_of_them() -> None:
+    """structured.search_images: the search's passes see that many images (most of the images the model sees in
+    allocate), and greedy / refined are reported with their error on every calibration image, like the others."""
+    model, inputs = _vit_and_data()
+    cfg = StructuredConfig(target=0.6, max_fraction=0.75, branches=True, search_images=5)
+    plan = plan_structured(model, inputs, cfg)
+    seen: list[int] = []
+    handle = model.register_forward_pre_hook(lambda mod, args: seen.append(int(args[0].shape[0])))
+    try:
+        alloc = allocate(plan, model, inputs, cfg)
+    finally:
+        handle.remove()
+    assert {"greedy", "refined"} <= set(alloc.candidates)
+    assert alloc.chosen == min(alloc.candidates, key=alloc.candidates.__getitem__)
+    assert alloc.search["images"] == 5 and alloc.search["greedy_passes"] + alloc.search["refine_passes"] > 10
+    small = sum(1 for n in seen if n == 5)
+    assert small > 10 and small > sum(1 for n in seen if n == 16)     # a whole probe is 2 batches of 16
+    probe = OutputProbe(model, inputs, "classifier")
+    consumer = {s.name: s.consumer for s in plan.structures}
+    for name in ("greedy", "refined"):
+        counts = alloc.candidate_counts[name]
+        weights = {consumer[n]: plan.trial_weight(n, k, cfg.damp, cfg.damp_mode) for n, k in counts.items() if k}
+        constants = {consumer[n]: c for n, k in counts.items() if k and (c := plan.trial_constant(n, k)) is not None}
+        with trial_weights(plan.consumers, weights, constants):
+            assert probe.error() == pytest.approx(alloc.candidates[name], rel=1e-9)
