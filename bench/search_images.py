@@ -4,6 +4,7 @@ time, its passes, every candidate's output error on *all* calibration images, th
 on held-out images (the images and targets of bench/speed.py).
 
     python bench/search_images.py --case vit4mnist --images all,128,64,32
+    python bench/search_images.py --case vit4mnist --images all,128,32 --starts 4    # 4 disjoint runs of images
     python bench/search_images.py --case effnet-lite0 --images all,64,32,16
 
 A candidate is tried without shrinking the model (cap_dist/structured/trial.py: exactly the smaller model's
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 import time
@@ -39,9 +39,7 @@ from cap_dist.structured.trial import trial_weights  # noqa: E402
 
 def held_out_top1(model: torch.nn.Module, plan: StructuredPlan, cfg: StructuredConfig, counts: dict[str, int],
                   evaluation: list, dense_logits: list[torch.Tensor]) -> dict[str, float]:
-    consumer = {s.name: s.consumer for s in plan.structures}
-    weights = {consumer[n]: plan.trial_weight(n, k, cfg.damp, cfg.damp_mode) for n, k in counts.items() if k}
-    constants = {consumer[n]: c for n, k in counts.items() if k and (c := plan.trial_constant(n, k)) is not None}
+    weights, constants = plan.trial(counts, cfg.damp, cfg.damp_mode)
     meter = ClassificationMeter()
     with trial_weights(plan.consumers, weights, constants), torch.no_grad():
         for (x, y), d in zip(evaluation, dense_logits):
@@ -50,7 +48,14 @@ def held_out_top1(model: torch.nn.Module, plan: StructuredPlan, cfg: StructuredC
     return {"top1": metrics["top1"], "eval_kl": metrics["kl"]}
 
 
-def measure(case: str, settings: list[int | None], work: Path) -> dict[str, Any]:
+def rolled(inputs: list[torch.Tensor], offset: int) -> list[torch.Tensor]:
+    """The same calibration images starting at image ``offset`` (wrapping), in batches of the first's size: the
+    search's first N images are then images offset..offset+N-1, and a whole probe's error is unchanged."""
+    flat = torch.cat(inputs)
+    return list(torch.roll(flat, -offset, 0).split(int(inputs[0].shape[0])))
+
+
+def measure(case: str, settings: list[int | None], starts: int, work: Path) -> dict[str, Any]:
     spec_case = CASES[case]
     source = f"model.source={ROOT.parent / 'shared' / 'models' / spec_case['model']}"
     recipe = load_recipe(str(ROOT / spec_case["recipe"]), spec_case["finetune"](1) + [source, f"output={work}/x"]
@@ -69,17 +74,18 @@ def measure(case: str, settings: list[int | None], work: Path) -> dict[str, Any]
         base_seconds = time.perf_counter() - start
     calibration_images = sum(int(x.shape[0]) for x in inputs)
     rows = []
-    for images in settings:
+    for images, start_index in ((i, k) for i in settings for k in range(starts if i else 1)):
         run_cfg = cfg.model_copy(update={"search_images": images})
+        offset = start_index * (images or 0)
         start = time.perf_counter()
         with torch.no_grad():
-            found = allocate(plan, model, inputs, run_cfg)
+            found = allocate(plan, model, rolled(inputs, offset) if offset else inputs, run_cfg)
         seconds = time.perf_counter() - start - base_seconds
-        row = {"search_images": images or calibration_images, "search_seconds": seconds,
+        row = {"search_images": images or calibration_images, "first_image": offset, "search_seconds": seconds,
                "search_passes": found.search["greedy_passes"] + found.search["refine_passes"], "chosen": found.chosen,
                "errors": found.candidates, **held_out_top1(model, plan, cfg, found.counts, evaluation, dense_logits)}
         rows.append(row)
-        print(f"{case} search_images {row['search_images']:>4}: search {seconds:6.1f} s in {row['search_passes']} passes, chose {found.chosen:<10} "
+        print(f"{case} search_images {row['search_images']:>4} from image {offset:>4}: search {seconds:6.1f} s in {row['search_passes']} passes, chose {found.chosen:<10} "
               f"error {found.candidates[found.chosen]:.4g} (greedy {found.candidates['greedy']:.4g}, refined "
               f"{found.candidates['refined']:.4g}; best without search {min(alloc.candidates.values()):.4g}), "
               f"held-out top-1 {row['top1']:.4f}", flush=True)
@@ -98,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", default="vit4mnist", choices=[c for c in CASES if "recipe" in CASES[c]])
     parser.add_argument("--images", default="all,128,64,32", help="comma-separated search_images values; all = "
                                                                    "every calibration image")
+    parser.add_argument("--starts", type=int, default=1, help="searches per setting, on disjoint runs of images "
+                                                                 "(the k-th from image k·N)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--results", default=None, help="default: bench/results/search_images-<case>.json")
     args = parser.parse_args(argv)
@@ -105,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = [None if v.strip() == "all" else int(v) for v in args.images.split(",")]
     path = Path(args.results or ROOT / "bench" / "results" / f"search_images-{args.case}.json")
     with tempfile.TemporaryDirectory() as work:
-        result = measure(args.case, settings, Path(work))
+        result = measure(args.case, settings, args.starts, Path(work))
     write_json_atomic(path, {"command": " ".join(sys.argv), "threads": args.threads, **result})
     print(f"wrote {path}")
     return 0

@@ -68,7 +68,6 @@ def measure(case: str, method: str, work: Path) -> dict[str, Any]:
         curves_s = time.perf_counter() - start
         alloc = allocate(plan, model, inputs, cfg)
     alloc_s = time.perf_counter() - start - curves_s
-    consumer = {s.name: s.consumer for s in plan.structures}
     counts_of = dict(alloc.candidate_counts)
     for alpha in BLENDS:                         # blends of the calibrated and uniform counts: not chosen by the
         counts_of[f"calibrated{alpha:g}+uniform"] = blend_counts(                # library (see the README)
@@ -77,8 +76,7 @@ def measure(case: str, method: str, work: Path) -> dict[str, Any]:
         dense_logits = [dense(x) for x, _ in evaluation]
     candidates = {}
     for name, counts in counts_of.items():
-        weights = {consumer[n]: plan.trial_weight(n, k, cfg.damp, cfg.damp_mode) for n, k in counts.items() if k}
-        constants = {consumer[n]: c for n, k in counts.items() if k and (c := plan.trial_constant(n, k)) is not None}
+        weights, constants = plan.trial(counts, cfg.damp, cfg.damp_mode)
         meter = ClassificationMeter()
         with trial_weights(plan.consumers, weights, constants), torch.no_grad():
             calibration = alloc.candidates[name] if name in alloc.candidates else alloc.probe.error()
@@ -95,10 +93,7 @@ def measure(case: str, method: str, work: Path) -> dict[str, Any]:
     for s in plan.structures:
         curve = plan.curves[s.name].curve
         k_glob = counts_of["global"][s.name]
-        weights = {s.consumer: plan.trial_weight(s.name, k_glob, cfg.damp, cfg.damp_mode)} if k_glob else {}
-        constant = plan.trial_constant(s.name, k_glob) if k_glob else None
-        with trial_weights(plan.consumers, weights, {s.consumer: constant} if constant is not None else {}), \
-                torch.no_grad():
+        with trial_weights(plan.consumers, *plan.trial({s.name: k_glob}, cfg.damp, cfg.damp_mode)), torch.no_grad():
             alone_global = alloc.probe.error()
         k_probe = alloc.probes[s.name]
         rows.append({"structure": s.name, "groups": s.groups, "macs_per_group": plan.unit[s.name],

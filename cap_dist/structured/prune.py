@@ -149,6 +149,16 @@ class StructuredPlan:
         return solve_kept_columns(weight, self.hessians[s.consumer], removed, damp=damp,
                                   damp_mode=damp_mode).to(weight.dtype)
 
+    def trial(self, counts: dict[str, int], damp: float, damp_mode: str
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """What :func:`cap_dist.structured.trial.trial_weights` needs to run the model as if ``counts`` groups
+        were removed per structure: the consumers' trial weights and the removed branches' constants, by consumer
+        name."""
+        consumer = {s.name: s.consumer for s in self.structures}
+        weights = {consumer[n]: self.trial_weight(n, k, damp, damp_mode) for n, k in counts.items() if k}
+        constants = {consumer[n]: c for n, k in counts.items() if k and (c := self.trial_constant(n, k)) is not None}
+        return weights, constants
+
     def trial_constant(self, name: str, count: int) -> torch.Tensor | None:
         """What the consumer outputs under the trial when every group goes (the branch's mean output), else
         None."""

@@ -183,10 +183,7 @@ def test_a_search_on_fewer_images_compares_its_candidates_on_all_of_them() -> No
     small = sum(1 for n in seen if n == 5)
     assert small > 10 and small > sum(1 for n in seen if n == 16)     # a whole probe is 2 batches of 16
     probe = OutputProbe(model, inputs, "classifier")
-    consumer = {s.name: s.consumer for s in plan.structures}
     for name in ("greedy", "refined"):
-        counts = alloc.candidate_counts[name]
-        weights = {consumer[n]: plan.trial_weight(n, k, cfg.damp, cfg.damp_mode) for n, k in counts.items() if k}
-        constants = {consumer[n]: c for n, k in counts.items() if k and (c := plan.trial_constant(n, k)) is not None}
+        weights, constants = plan.trial(alloc.candidate_counts[name], cfg.damp, cfg.damp_mode)
         with trial_weights(plan.consumers, weights, constants):
             assert probe.error() == pytest.approx(alloc.candidates[name], rel=1e-9)
