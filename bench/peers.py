@@ -51,6 +51,7 @@ OURS = {                                        # label -> prune_layer keywords 
     "cap+resolve": dict(method="cap", resolve=True),
     "cap(default)": dict(method="cap", admm=DEFAULT_CAP_ADMM, resolve=True),     # = a recipe's prune.method=cap
     "cap+refine+admm+resolve": dict(method="cap", refine=1, admm=DEFAULT_CAP_ADMM, resolve=True),
+    "cap(rho 0.1)": dict(method="cap", admm=DEFAULT_CAP_ADMM, resolve=True, admm_rho=0.1),     # ALPS's starting ρ
     "sparsegpt(relative damp)": dict(method="sparsegpt", damp_mode="relative"),
     "sparsegpt(faithful)": dict(method="sparsegpt", damp_mode="mean"),         # = a recipe's prune.method=sparsegpt
 }
