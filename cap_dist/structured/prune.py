@@ -149,13 +149,19 @@ class StructuredPlan:
         return solve_kept_columns(weight, self.hessians[s.consumer], removed, damp=damp,
                                   damp_mode=damp_mode).to(weight.dtype)
 
-    def trial(self, counts: dict[str, int], damp: float, damp_mode: str
+    def trial(self, counts: dict[str, int], damp: float, damp_mode: str,
+              cache: dict[tuple[str, int], torch.Tensor] | None = None
               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """What :func:`cap_dist.structured.trial.trial_weights` needs to run the model as if ``counts`` groups
         were removed per structure: the consumers' trial weights and the removed branches' constants, by consumer
-        name."""
+        name.  ``cache`` keeps the re-solved weights by (structure, count) across calls with the same damping (a
+        search tries each count many times)."""
+        cache = {} if cache is None else cache
+        for n, k in counts.items():
+            if k and (n, k) not in cache:
+                cache[(n, k)] = self.trial_weight(n, k, damp, damp_mode)
         consumer = {s.name: s.consumer for s in self.structures}
-        weights = {consumer[n]: self.trial_weight(n, k, damp, damp_mode) for n, k in counts.items() if k}
+        weights = {consumer[n]: cache[(n, k)] for n, k in counts.items() if k}
         constants = {consumer[n]: c for n, k in counts.items() if k and (c := self.trial_constant(n, k)) is not None}
         return weights, constants
 
@@ -309,13 +315,7 @@ def allocate(plan: StructuredPlan, model: nn.Module, inputs: list[torch.Tensor],
     weights: dict[tuple[str, int], torch.Tensor] = {}
 
     def error_of(counts: dict[str, int], on: OutputProbe = probe) -> float:
-        for n, k in counts.items():
-            if k and (n, k) not in weights:
-                weights[(n, k)] = plan.trial_weight(n, k, cfg.damp, cfg.damp_mode)
-        consumer = {s.name: s.consumer for s in plan.structures}
-        constants = {consumer[n]: c for n, k in counts.items() if k and (c := plan.trial_constant(n, k)) is not None}
-        with trial_weights(plan.consumers, {consumer[n]: weights[(n, k)] for n, k in counts.items() if k},
-                           constants):
+        with trial_weights(plan.consumers, *plan.trial(counts, cfg.damp, cfg.damp_mode, weights)):
             return on.error()
 
     probes = probe_counts(uniform, plan.valid)
