@@ -152,7 +152,7 @@ def table(results: list[dict], clock: str = "cpu_seconds") -> str:
     """Markdown table; times are ``clock`` (``cpu_seconds``: the process's CPU time, which a machine shared with
     other jobs inflates far less than wall time; ``seconds``: wall)."""
     methods = list(dict.fromkeys(r["method"] for r in results))
-    ref = "alps(upstream)" if "alps(upstream)" in methods else "sparsegpt(faithful)"
+    ref = next((m for m in ("alps(upstream)", "sparsegpt(faithful)") if m in methods), methods[0])
     clock = clock if all(clock in r for r in results) else "seconds"
     unit = "CPU seconds" if clock == "cpu_seconds" else "wall seconds"
     lines = [f"relative error on the undamped H (ratio to {ref}); {unit}", "",

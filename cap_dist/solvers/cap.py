@@ -28,6 +28,7 @@ import torch
 from cap_dist.solvers import greedy
 from cap_dist.solvers.numerics import cholesky_inverse_escalating, inverse_factor
 from cap_dist.solvers.patterns import LossCurve, Pattern, allocate_rows, prune_count, removal_order
+from cap_dist.solvers.products import matmul
 
 CURVE_POINTS = 64
 
@@ -213,7 +214,7 @@ def cap_activation(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
         delta = new_block - block
         if j1 < cols:                                                       # (2)
             x = torch.linalg.solve_triangular(u_bb, delta, upper=True, left=False)
-            w[:, j1:] += x @ u[j0:j1, j1:]
+            w[:, j1:] += matmul(x, u[j0:j1, j1:])
         w[:, j0:j1] = new_block
     return dict(weight=w, mask=keep, losses=losses, curve=curve, removal_step=removal_step,
                 info=dict(damp_used=fac.damp_used, escalations=fac.escalations, dead_inputs=fac.dead_inputs,

@@ -33,6 +33,7 @@ import torch
 
 from cap_dist.solvers.numerics import blocked_cholesky, damped, row_quadratic_forms
 from cap_dist.solvers.patterns import Pattern, allocate_rows, n_m_mask, removal_order, threshold_keep
+from cap_dist.solvers.products import SpdSolver, linear
 
 RESOLVE_TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 """A row's conjugate gradients stop when a step lowers its objective by less than this fraction (or its
@@ -82,40 +83,45 @@ def resolve_weights(dense: torch.Tensor, start: torch.Tensor, keep: torch.Tensor
     w = dense.to(dtype)
     x = start.to(dtype) * m
     e = w - x
-    g = e @ hs
+    g = linear(e, hs)                                                      # Hₛ is symmetric: e·Hₛᵀ = e·Hₛ
     f = (g * e).sum(1)                                                     # (1) per row, at the start
     r = g * m                                                              # P Hₛ (w − x) = b − A x
     dinv = 1.0 / torch.diagonal(hs).clamp_min(tiny)
     z = r * dinv
     p = z.clone()
     rz = (r * z).sum(1)
-    bnorm = ((w @ hs) * m).norm(dim=1).clamp_min(tiny)
+    bnorm = (linear(w, hs) * m).norm(dim=1).clamp_min(tiny)
     active = torch.nonzero((r.norm(dim=1) > tol * bnorm) & (f > 0)).flatten()
     # The iterations work on the active rows only, gathered once and compacted when rows stop (not gathered
     # and scattered back every step: on the 768×3072 bench layer that copying cost ~8 % of the step).
     xa, ra, pa, ma = x[active], r[active], p[active], m[active]
     rza, fa, ba = rz[active], f[active], bnorm[active]
+    za = torch.empty_like(ra)
     iters = 0
+    # In place where it can be: on wide layers every [rows, in] temporary is a fresh mapping (page faults).
     while active.numel() and iters < max_iter:
         iters += 1
-        ap = (pa @ hs).mul_(ma)
-        pap = (pa * ap).sum(1)
+        ap = linear(pa, hs).mul_(ma)
+        pap = torch.einsum("ij,ij->i", pa, ap)
         alpha = torch.where(pap > 0, rza / pap.clamp_min(tiny), torch.zeros_like(pap))
-        xa += alpha.unsqueeze(1) * pa
-        ra -= alpha.unsqueeze(1) * ap
+        xa.addcmul_(alpha.unsqueeze(1), pa)
+        ra.addcmul_(alpha.unsqueeze(1), ap, value=-1.0)
+        del ap
         decrease = alpha * rza                                             # exact fall of (1) this step
         fa -= decrease
-        za = ra * dinv
-        rz_new = (ra * za).sum(1)
+        torch.mul(ra, dinv, out=za)
+        rz_new = torch.einsum("ij,ij->i", ra, za)
         beta = torch.where(rza > 0, rz_new / rza.clamp_min(tiny), torch.zeros_like(rz_new))
-        pa = za + beta.unsqueeze(1) * pa
+        pa.mul_(beta.unsqueeze(1)).add_(za)
         rza = rz_new
-        still = (ra.norm(dim=1) > tol * ba) & (decrease > tol * fa) & (pap > 0)
+        still = (torch.linalg.vector_norm(ra, dim=1) > tol * ba) & (decrease > tol * fa) & (pap > 0)
         if not bool(still.all()):
             done = ~still
             x[active[done]] = xa[done]
             active = active[still]
-            xa, ra, pa, ma, rza, fa, ba = (t[still] for t in (xa, ra, pa, ma, rza, fa, ba))
+            xa, ra, pa, ma = (t[still] for t in (xa, ra, pa, ma))
+            rza, fa, ba = rza[still], fa[still], ba[still]
+            za = torch.empty_like(ra)
     x[active] = xa
     h = hessian.to(torch.float64)
     w64, x64, s64 = dense.double(), x.to(start.dtype).double(), start.double() * keep   # as returned
@@ -269,18 +275,20 @@ iterations."""
 def admm_uses_explicit_inverse(rows: int, cols: int) -> bool:
     """Whether ADMM's linear step multiplies by an explicit (Hₙ + ρI)⁻¹ (one [rows, in]·[in, in] product per
     iteration, plus a Cholesky factor and its inverse, ~in³, whenever ρ changes, every ADMM_UPDATE_EVERY
-    iterations) rather than two triangular solves with the Cholesky factor (as many flops as that product, plus
-    the factor, in³/3, when ρ changes).  The solves save the inverse, but one product runs faster than two
-    solves on a narrow layer: measured (one thread) on EfficientNet-Lite0, the explicit inverse is faster on
-    conv_head (1280×320) and conv_pw (1152×192), the solves on conv_pwl (192×672) and the 768×3072 layer."""
+    iterations) rather than solving with the factor by blocks (:class:`~.products.SpdSolver`: about that
+    product's flops, plus ~in³/2 to factor and build its block weights when ρ changes).  The inverse's
+    rebuild is LAPACK's (no oneDNN route), so it pays only on narrow layers.  Measured (one thread, ADMM
+    alone, 2026-12-04): explicit 0.26 / 0.15 s against 0.34 / 0.19 s on EfficientNet-Lite0's conv_head
+    (1280×320) and conv_pw (1152×192); 0.35 against 0.37 s on conv_pwl (192×672); 15.9 against 8.5 s on the
+    768×3072 layer."""
     return cols < ADMM_UPDATE_EVERY * rows
 
 
 def admm_flops(rows: int, cols: int, iterations: int) -> float:
     """What ``iterations`` of :func:`admm_masks` cost: per iteration one product's worth of flops (a product, or
-    two triangular solves) and, every ADMM_UPDATE_EVERY iterations, a new Cholesky factor (and its inverse)."""
+    the blocked solves) and, every ADMM_UPDATE_EVERY iterations, a new factor (and its inverse or block weights)."""
     product = 2.0 * rows * cols * cols
-    rebuild = cols ** 3 if admm_uses_explicit_inverse(rows, cols) else cols ** 3 / 3.0
+    rebuild = cols ** 3 if admm_uses_explicit_inverse(rows, cols) else cols ** 3 / 2.0
     return iterations * (product + rebuild / ADMM_UPDATE_EVERY) + rebuild
 
 
@@ -320,10 +328,12 @@ def admm_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, he
     (the last is V + ρ(B − D) written out; B is computed as b₀ + ρ(D − V/ρ − b₀)(Hₙ + ρI)⁻¹, as
     Hₙ(Hₙ + ρI)⁻¹ = I − ρ(Hₙ + ρI)⁻¹, with the scaled dual V/ρ: no product with Hₙ per iteration), with ρ
     raised while the support moves (ALPS's schedule, grown more slowly: :data:`ADMM_GROWTH`).  The linear step
-    uses the Cholesky factor of Hₙ + ρI,
-    computed again only when ρ changes: two triangular solves, or on layers with few inputs per output an
-    explicit inverse from that factor (:func:`admm_uses_explicit_inverse`); no eigendecomposition (in float32
-    on the 768×3072 bench layer it cost as much as ~10 iterations).  The start is the given solution and its exact dual (D = B = ŵ, V = −Hₙ(ŵ − w)), a fixed point for large ρ, so ADMM
+    uses the Cholesky factor of Hₙ + ρI, computed again only when ρ changes: solves with it by blocks of
+    products (:class:`~.products.SpdSolver`, oneDNN on the CPU: half the time of LAPACK's triangular solves
+    there), or on layers with few inputs per output an explicit inverse from that factor
+    (:func:`admm_uses_explicit_inverse`); no eigendecomposition (in float32 on the 768×3072 bench layer it cost
+    as much as ~10 iterations, and the eigenbasis costs two products per iteration).  The iterations write
+    into buffers allocated once.  The start is the given solution and its exact dual (D = B = ŵ, V = −Hₙ(ŵ − w)), a fixed point for large ρ, so ADMM
     only leaves it where a pruned weight's gradient is large against ρ.  ``inverse`` (``explicit``,
     ``cholesky``) forces either linear step (both are the same arithmetic up to rounding).  If the support still
     flips between two sets when ADMM stops, the one with the lower objective for B restricted to it is returned
@@ -344,45 +354,55 @@ def admm_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, he
 
     w0 = dense.to(work) * s
     d = weight.to(work) * keep * s
-    u = ((w0 - d) @ hn).div_(rho)                                # the exact dual V = Hₙ(w₀ − ŵ), as U = V/ρ
+    u = linear(w0 - d, hn).div_(rho)                             # the exact dual V = Hₙ(w₀ − ŵ), as U = V/ρ
     count = int((~keep).sum())
     mask = keep.clone()
     factor_rho, factor = None, None
 
-    def solve(rhs: torch.Tensor, r: float) -> torch.Tensor:          # rhs (Hₙ + rI)⁻¹
+    shifted = torch.empty_like(hn)
+
+    def solve_(rhs: torch.Tensor, r: float) -> torch.Tensor:         # rhs ← rhs (Hₙ + rI)⁻¹
         nonlocal factor_rho, factor
         if factor_rho != r:                                  # Hₙ + rI = LLᵀ (or its inverse), once per ρ
-            shifted = hn.clone()
-            shifted.diagonal().add_(r)
-            factor, info = blocked_cholesky(shifted)
+            shifted.copy_(hn).diagonal().add_(r)
+            if mode == "explicit":
+                lower, info = blocked_cholesky(shifted)
+            else:
+                factor, info = SpdSolver.factor(shifted, reuse=factor)
             if info:
                 raise ValueError(f"ADMM: the scaled curvature plus {r:g}·I is not positive definite (leading minor "
                                  f"{info}): the Hessian is not positive semidefinite; check the calibration data")
             factor_rho = r
             if mode == "explicit":
-                factor = torch.cholesky_inverse(factor)
+                factor = torch.cholesky_inverse(lower)
         if mode == "explicit":
-            return rhs @ factor
-        x = torch.linalg.solve_triangular(factor.mT, rhs, upper=True, left=False)
-        return torch.linalg.solve_triangular(factor, x, upper=False, left=False)
+            return rhs.copy_(linear(rhs, factor))                          # the inverse is symmetric
+        return factor.solve_(rhs)
 
     growth = ADMM_GROWTH
-    b = d
+    # The iterations write into buffers allocated once: a [rows, in] temporary per operation would be a fresh
+    # mapping each time on wide layers (38 MB at 1536×6144: past malloc's reuse threshold), and the page faults
+    # cost ~0.3 s of system time per iteration there.
+    b = torch.empty_like(w0)
+    z = torch.empty_like(w0)
+    scores = torch.empty_like(w0)
+    b.copy_(d)
     new_mask = last_mask = keep
     it = -1
     for it in range(iterations):
         last_mask = new_mask
-        b = torch.add(w0, solve(d.sub(u).sub_(w0), rho), alpha=rho)     # (Hₙw₀ − V + ρD)(Hₙ + ρI)⁻¹
-        z = b.add(u)
-        scores = z.square()
+        torch.sub(d, u, out=b).sub_(w0)
+        solve_(b, rho).mul_(rho).add_(w0)                                  # B = (Hₙw₀ − V + ρD)(Hₙ + ρI)⁻¹
+        torch.add(b, u, out=z)
+        torch.square(z, out=scores)
         if prior is not None:
             scores.masked_fill_(prior, -math.inf)
         if pattern.structured:
             new_mask = n_m_mask(scores, pattern)
         else:
             new_mask, _ = threshold_keep(scores, count)
-        d = z * new_mask
-        u = z - d                                                          # V/ρ = Z − D
+        torch.mul(z, new_mask, out=d)
+        torch.sub(z, d, out=u)                                             # V/ρ = Z − D
         if (it + 1) % ADMM_UPDATE_EVERY == 0:
             change = int(torch.count_nonzero(new_mask != mask)) / max(1, 2 * count)
             grow = growth[0] if change > 0.1 else growth[1] if change > 0.005 else growth[2]
@@ -391,6 +411,7 @@ def admm_masks(dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, he
             mask = new_mask
             if change < ADMM_STOP and it >= 2 * ADMM_UPDATE_EVERY:
                 break
+    del z, scores
     mask, other = new_mask, None
     if not torch.equal(last_mask, new_mask):          # the support flips between two sets: keep the better
         first = flip_order(w0, b, hn, new_mask, last_mask)
