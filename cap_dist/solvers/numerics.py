@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cap_dist.solvers.products import linear
+from cap_dist.solvers.products import linear, onednn_active
 
 log = logging.getLogger(__name__)
 
@@ -230,10 +230,16 @@ def add_lower_gram(total: torch.Tensor, x: torch.Tensor, scratch: torch.Tensor,
 
     The rest of ``total`` is not touched: :func:`mirror_lower` fills it once, when the sum is read.
     ``scratch`` is a flat buffer of at least ``block × n`` elements in the product's dtype (x's): each band's
-    product is formed there and added to ``total`` in its dtype (float32 products into a float64 sum)."""
+    product is formed there and added to ``total`` in its dtype (float32 products into a float64 sum).  Where
+    float32 products go through oneDNN (:func:`~.products.onednn_active`), each band is ``xᵀ[i:j]·xᵀ[:j]ᵀ`` from
+    one transposed copy of ``x`` instead (oneDNN wants contiguous rows on both sides)."""
     n = x.shape[1]
+    xt = x.T.contiguous() if x.dtype == torch.float32 and x.device.type == "cpu" and onednn_active() else None
     for i in range(0, n, block):
         j = min(i + block, n)
+        if xt is not None:
+            total[i:j, :j] += linear(xt[i:j], xt[:j])
+            continue
         band = scratch[:(j - i) * j].view(j - i, j)
         torch.mm(x[:, i:j].T, x[:, :j], out=band)
         total[i:j, :j] += band

@@ -171,3 +171,14 @@ def test_row_quadratic_forms_read_the_lower_triangle_in_blocks() -> None:
     mirror_lower(total, block=4)
     torch.testing.assert_close(total, h, rtol=1e-12, atol=1e-10)
     assert torch.equal(total, total.T)
+    from cap_dist.solvers.products import use_onednn
+
+    x32 = torch.randn(300, 70, generator=g)                               # float32 products into a float64 sum,
+    for route in (True, False):                                           # through oneDNN or torch's product
+        with use_onednn(route):
+            total = torch.zeros(70, 70, dtype=torch.float64)
+            add_lower_gram(total, x32, torch.empty(16 * 70), block=16)
+        assert torch.equal(torch.triu(total, 16), torch.zeros_like(total))
+        mirror_lower(total, block=16)
+        want = x32.double().T @ x32.double()
+        assert float((total - want).norm() / want.norm()) < 1e-6
