@@ -69,7 +69,7 @@ def use_onednn(enabled: bool) -> Iterator[None]:
 def _routable(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and x.ndim == 2
             and w.ndim == 2 and x.shape[0] > 0 and x.shape[1] > 0 and w.shape[0] > 0 and x.stride(1) == 1
-            and onednn_active())
+            and x.stride(0) >= x.shape[1] and onednn_active())            # rows apart, not broadcast
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

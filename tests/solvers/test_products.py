@@ -49,6 +49,8 @@ def test_linear_is_x_times_w_transposed_for_every_layout(route: bool) -> None:
             assert _rel(got, want) < 2e-6
         assert _rel(matmul(x, w.T), want) < 2e-6
         assert linear(x[:0], w).shape == (0, 90)
+        broadcast = x[:1].expand(70, 300)                                 # rows with stride 0
+        assert _rel(linear(broadcast, w), (x64[:1] @ w64.T).expand(70, 90)) < 2e-6
         torch.testing.assert_close(linear(x64, w64), want, rtol=1e-12, atol=1e-12)
 
 
