@@ -46,7 +46,7 @@ DEFAULT_REFINE_BLOCK = 256
 """Columns per block of the refinement sweeps when ``refine_block`` is not given (capped at the layer width)."""
 
 __all__ = ["DAMP_MODES", "DEFAULT_CAP_ADMM", "DEFAULT_CAP_BLOCK", "DEFAULT_POLISH_DAMP", "METHODS", "relative_error", "FisherAccumulator", "HessianAccumulator", "LayerResult", "LossCurve", "Pattern",
-           "allocate_global", "allocate_uniform", "is_valid_n_m", "parse_pattern", "prune_layer"]
+           "allocate_global", "allocate_uniform", "is_valid_n_m", "keep_kept_nonzero", "parse_pattern", "prune_layer"]
 
 
 def _check_prior(prior_mask: torch.Tensor | None, weight: torch.Tensor, sparsity: float, pat: Pattern,
@@ -177,7 +177,9 @@ def prune_layer(weight: torch.Tensor, hessian: torch.Tensor, *, method: str, spa
         out = _polish(out, weight, hessian, pat, prior, refine, refine_block, admm, admm_rho, resolve,
                       DEFAULT_POLISH_DAMP if polish_damp is None else polish_damp, damp_mode, backend)
     seconds = time.perf_counter() - start
-    pruned = out["weight"].to(weight.dtype)
+    pruned, nudged = keep_kept_nonzero(out["weight"].to(weight.dtype), out["mask"], weight)
+    if nudged:
+        out["info"]["kept_zeros_stored_as_tiny"] = nudged
     exact = torch.float64 if weight.dtype == torch.float64 else torch.float32
     h = hessian.to(exact)
     polished = "resolve_loss" in out["info"] and not out["info"].get("polish_reverted")
@@ -191,6 +193,21 @@ def prune_layer(weight: torch.Tensor, hessian: torch.Tensor, *, method: str, spa
                 curvature="fisher" if fisher else "activations")
     return LayerResult(weight=pruned, mask=out["mask"], losses=out["losses"].to(weight.dtype), loss=loss,
                        energy=energy, curve=curve, removal_step=out.get("removal_step"), info=info)
+
+
+def keep_kept_nonzero(pruned: torch.Tensor, mask: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Store every kept weight that came out exactly 0, though its dense value was not, as the smallest normal
+    number of its dtype with the dense weight's sign; returns the weights and how many were changed.
+
+    Shard files and finetuning recover masks as ``weight != 0``, so such a weight would silently count as pruned
+    (one extra zero: a float32 coincidence of ADMM's iterate that a guarded re-solve kept; seen once in ~10⁶
+    weights).  Its objective changes by ~tiny².  Dense weights that are already 0 stay 0."""
+    lost = mask & (pruned == 0) & (dense != 0)
+    count = int(lost.sum())
+    if not count:
+        return pruned, 0
+    tiny = torch.full_like(pruned, torch.finfo(pruned.dtype).tiny)
+    return torch.where(lost, torch.copysign(tiny, dense.to(pruned.dtype)), pruned), count
 
 
 def _polish(out: dict, weight: torch.Tensor, hessian: torch.Tensor, pat: Pattern, prior: torch.Tensor | None,

@@ -15,7 +15,8 @@ class LayerResult:
     """The pruned layer.
 
     Attributes:
-        weight: pruned weight, same shape and dtype as the input weight.
+        weight: pruned weight, same shape and dtype as the input weight; zero exactly where ``mask`` is False
+            or the dense weight was 0 (so ``weight != 0`` recovers the mask; see ``keep_kept_nonzero``).
         mask: bool, True = kept.
         losses: same shape as ``weight``; at each pruned position the removal loss the method
             charged for that weight (CAP: the exact greedy OBS increment; baselines: their

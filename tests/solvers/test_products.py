@@ -119,3 +119,19 @@ def test_cap_with_admm_and_resolve_alike_through_either_route(pattern: str) -> N
         assert int((~res.mask).sum()) == w.numel() // 2 and res.info["admm_iterations"] > 0
         errors.append(relative_error(w, res.weight, h))
     assert abs(errors[0] - errors[1]) <= 0.01 * errors[1]
+
+
+def test_a_kept_weight_never_reads_as_pruned() -> None:
+    """A kept weight solved to exactly 0 is stored as ±tiny with its dense sign (masks are recovered as weight != 0
+    downstream); pruned weights and dense zeros stay 0; nothing else changes."""
+    from cap_dist.solvers import keep_kept_nonzero
+
+    dense = torch.tensor([[0.5, -0.25, 0.0, 1.0], [-2.0, 0.0, 3.0, 0.75]])
+    mask = torch.tensor([[True, True, True, False], [True, False, True, True]])
+    pruned = torch.tensor([[0.0, 0.0, 0.0, 0.0], [-1.5, 0.0, 2.5, 0.0]])
+    out, count = keep_kept_nonzero(pruned, mask, dense)
+    tiny = torch.finfo(torch.float32).tiny
+    assert count == 3
+    assert out.tolist() == [[tiny, -tiny, 0.0, 0.0], [-1.5, 0.0, 2.5, tiny]]
+    assert torch.equal(out != 0, mask & (dense != 0))
+    assert keep_kept_nonzero(out, mask, dense)[1] == 0
